@@ -1,0 +1,56 @@
+"""`rbee-catalog`: settings, logging, store, service, servicer, server; in that order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+import sys
+from collections.abc import Sequence
+
+from rbee.catalog.v1 import catalog_pb2_grpc
+from services.catalog.servicer import CatalogServicer
+from services.catalog.service import CatalogService, HostInfo
+from services.catalog.settings import CatalogSettings
+from services.catalog.store import CatalogStore
+from services.catalog.worker_types import WorkerTypeRegistry, host_platform
+from services.common.logs import configure_logging, log_settings
+from services.common.server import ServiceBinding, serve_until_signal, start_server
+
+logger = logging.getLogger("services.catalog")
+
+SERVICE_NAME = "rbee.catalog.v1.CatalogService"
+
+
+async def run(settings: CatalogSettings) -> None:
+    """Serve until SIGTERM/SIGINT: NOT_SERVING while opening the store, SERVING after."""
+    store = CatalogStore.open(settings.database_path)
+    plat, machine = host_platform()
+    service = CatalogService(store, WorkerTypeRegistry(), host=HostInfo(plat, machine))
+    running = await start_server(
+        [ServiceBinding(catalog_pb2_grpc.add_CatalogServiceServicer_to_server, CatalogServicer(service), SERVICE_NAME)],
+        listen=settings.listen,
+        metrics_listen=settings.metrics_listen,
+    )
+    running.on_stop(service.close)
+    await running.set_serving()
+    logger.info(
+        "catalog serving on port %d (metrics port %s, database %s, python %s)",
+        running.port,
+        running.metrics_port,
+        settings.database_path,
+        platform.python_version(),
+    )
+    await serve_until_signal(running, grace=settings.grace_seconds)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = CatalogSettings()
+    configure_logging(settings.log_level, settings.log_format)
+    log_settings(logger, settings)
+    asyncio.run(run(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,196 @@
+"""rbee.catalog.v1.CatalogService over gRPC: convert, call the domain service, convert.
+
+Errors are raised as domain exceptions; the server's one interceptor turns them into statuses.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from google.protobuf.empty_pb2 import Empty
+
+from rbee.catalog.v1 import catalog_pb2 as pb
+from rbee.catalog.v1 import catalog_pb2_grpc
+from services.catalog import convert
+from services.catalog.pagination import normalize_page_size
+from services.catalog.service import CatalogService
+from services.common.errors import InvalidArgument
+
+Context = Any  # grpc.aio.ServicerContext; the domain never sees it
+
+
+class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
+    """Thin adapter from protobuf to CatalogService."""
+
+    def __init__(self, service: CatalogService) -> None:
+        self._service = service
+
+    async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.Model:
+        return convert.model_to_pb(await self._service.get_model(request.name))
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Context
+    ) -> pb.ListModelsResponse:
+        models, token, total = await self._service.list_models(
+            filter_text=request.filter, page_size=request.page_size, page_token=request.page_token
+        )
+        return pb.ListModelsResponse(
+            models=[convert.model_to_pb(m) for m in models],
+            next_page_token=token,
+            total_size=total,
+        )
+
+    async def CreateModel(self, request: pb.CreateModelRequest, context: Context) -> pb.Model:
+        if not request.HasField("model"):
+            raise InvalidArgument.for_field("model", "the model to create is required")
+        model = await self._service.create_model(
+            convert.model_draft_from_pb(request.model),
+            model_id=request.model_id,
+            validate_only=request.validate_only,
+        )
+        return convert.model_to_pb(model)
+
+    async def UpdateModel(self, request: pb.UpdateModelRequest, context: Context) -> pb.Model:
+        model = await self._service.update_model(
+            request.model.name, convert.model_patch_from_pb(request)
+        )
+        return convert.model_to_pb(model)
+
+    async def DeleteModel(self, request: pb.DeleteModelRequest, context: Context) -> Empty:
+        await self._service.delete_model(
+            request.name,
+            etag=request.etag,
+            force=request.force,
+            allow_missing=request.allow_missing,
+        )
+        return Empty()
+
+    async def InspectModel(self, request: pb.InspectModelRequest, context: Context) -> pb.Model:
+        return convert.model_to_pb(await self._service.inspect_model(request.name))
+
+    async def InspectPath(
+        self, request: pb.InspectPathRequest, context: Context
+    ) -> pb.ModelMetadata:
+        return convert.metadata_to_pb(await self._service.inspect_path(request.path))
+
+    async def GetWorkerType(
+        self, request: pb.GetWorkerTypeRequest, context: Context
+    ) -> pb.WorkerType:
+        wt = await self._service.get_worker_type(request.name)
+        return convert.worker_type_to_pb(wt, supported_on_host=self._service.supported_on_host(wt))
+
+    async def ListWorkerTypes(
+        self, request: pb.ListWorkerTypesRequest, context: Context
+    ) -> pb.ListWorkerTypesResponse:
+        everything = await self._service.list_worker_types(request.filter)
+        page, token = _page_in_memory(
+            [wt.id for wt in everything], request.page_size, request.page_token
+        )
+        by_id = {wt.id: wt for wt in everything}
+        return pb.ListWorkerTypesResponse(
+            worker_types=[
+                convert.worker_type_to_pb(
+                    by_id[i], supported_on_host=self._service.supported_on_host(by_id[i])
+                )
+                for i in page
+            ],
+            next_page_token=token,
+            total_size=len(everything),
+        )
+
+    async def GetInstall(self, request: pb.GetInstallRequest, context: Context) -> pb.Install:
+        return convert.install_to_pb(await self._service.get_install(request.name))
+
+    async def ListInstalls(
+        self, request: pb.ListInstallsRequest, context: Context
+    ) -> pb.ListInstallsResponse:
+        everything = await self._service.list_installs(request.filter)
+        page, token = _page_in_memory(
+            [i.id for i in everything], request.page_size, request.page_token
+        )
+        by_id = {i.id: i for i in everything}
+        return pb.ListInstallsResponse(
+            installs=[convert.install_to_pb(by_id[i]) for i in page],
+            next_page_token=token,
+            total_size=len(everything),
+        )
+
+    async def CreateInstall(self, request: pb.CreateInstallRequest, context: Context) -> pb.Install:
+        install = convert.install_from_pb(request)
+        if request.validate_only:
+            return convert.install_to_pb(install)
+        return convert.install_to_pb(await self._service.create_install(install))
+
+    async def DeleteInstall(self, request: pb.DeleteInstallRequest, context: Context) -> Empty:
+        await self._service.delete_install(request.name, allow_missing=request.allow_missing)
+        return Empty()
+
+    async def EvaluateCompatibility(
+        self, request: pb.EvaluateCompatibilityRequest, context: Context
+    ) -> pb.EvaluateCompatibilityResponse:
+        compat_request = convert.compatibility_request_from_pb(request)
+        if request.HasField("metadata"):
+            compat_request = _with_metadata(compat_request, convert.metadata_from_pb(request.metadata))
+        results, ctx = await self._service.evaluate_compatibility(compat_request)
+        return pb.EvaluateCompatibilityResponse(
+            results=[convert.compat_result_to_pb(r) for r in results], context_length_used=ctx
+        )
+
+    async def ComputeCompatibilityMatrix(
+        self, request: pb.ComputeCompatibilityMatrixRequest, context: Context
+    ) -> pb.ComputeCompatibilityMatrixResponse:
+        device = convert.device_from_pb(request.device) if request.HasField("device") else None
+        kv = convert.compatibility_request_from_pb(
+            pb.EvaluateCompatibilityRequest(kv_cache_type=request.kv_cache_type)
+        ).kv_cache_type
+        rows, token, total = await self._service.compatibility_matrix(
+            filter_text=request.filter,
+            worker_type_names=list(request.worker_types),
+            device=device,
+            context_length=request.context_length or None,
+            kv_cache_type=kv,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        columns = self._service.worker_type_names(list(request.worker_types))
+        return pb.ComputeCompatibilityMatrixResponse(
+            rows=[
+                pb.CompatibilityMatrixRow(
+                    model=row.model_name,
+                    results=[convert.compat_result_to_pb(r) for r in row.results],
+                )
+                for row in rows
+            ],
+            worker_types=columns,
+            next_page_token=token,
+            total_size=total,
+        )
+
+
+def _with_metadata(request: Any, metadata: Any) -> Any:
+    from dataclasses import replace
+
+    return replace(request, metadata=metadata, model_name="")
+
+
+def _page_in_memory(keys: list[str], page_size: int, page_token: str) -> tuple[list[str], str]:
+    """Keyset pagination over a small sorted list; the token is the last key, encoded."""
+    size = normalize_page_size(page_size)
+    start = 0
+    if page_token:
+        try:
+            last = base64.urlsafe_b64decode(page_token.encode()).decode()
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidArgument.for_field(
+                "page_token", "not a token this server issued", reason="INVALID_PAGE_TOKEN"
+            ) from None
+        if last not in keys:
+            raise InvalidArgument.for_field(
+                "page_token", "not a token for this filter", reason="INVALID_PAGE_TOKEN"
+            )
+        start = keys.index(last) + 1
+    page = keys[start : start + size]
+    more = start + size < len(keys)
+    token = base64.urlsafe_b64encode(page[-1].encode()).decode() if more and page else ""
+    return page, token

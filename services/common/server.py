@@ -1,0 +1,244 @@
+"""The gRPC server every service runs: interceptors, health, reflection, metrics, lifecycle.
+
+    running = await start_server([ServiceBinding(add_fn, servicer, "rbee.x.v1.XService")],
+                                 listen=settings.listen, metrics_listen=settings.metrics_listen)
+    ...load what the service needs...
+    await running.set_serving()
+    await serve_until_signal(running, grace=settings.grace_seconds)
+
+Health (grpc.health.v1) starts NOT_SERVING for "" and every bound service and turns SERVING
+only when the caller says it is ready. Stopping is a sequence: NOT_SERVING, `server.stop(grace)`
+(in-flight RPCs may finish), the metrics endpoint goes down, then the `on_stop` callbacks run
+(unload models, close stores), last registered first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from services.common.interceptors import ErrorInterceptor, MetricsInterceptor
+from services.common.metrics import GrpcServerMetrics
+from services.common.settings import parse_host_port
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+HEALTH_SERVICE_NAME = health.SERVICE_NAME  # "grpc.health.v1.Health"
+OVERALL_HEALTH = health.OVERALL_HEALTH  # "": the entry for the server as a whole
+
+
+class ListenError(OSError):
+    """The server could not bind its gRPC or metrics address."""
+
+
+@dataclass
+class ServiceBinding:
+    """One gRPC service to mount on the server."""
+
+    # e.g. catalog_pb2_grpc.add_CatalogServiceServicer_to_server
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+    # e.g. "rbee.catalog.v1.CatalogService": the name health and reflection report
+    full_name: str
+
+
+def generic_binding(full_name: str, handlers: dict[str, grpc.RpcMethodHandler]) -> ServiceBinding:
+    """A ServiceBinding from plain method handlers (no generated code), e.g. for tests."""
+
+    def add_to_server(_servicer: Any, server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(full_name, handlers),)
+        )
+
+    return ServiceBinding(add_to_server=add_to_server, servicer=None, full_name=full_name)
+
+
+@dataclass
+class _MetricsEndpoint:
+    http_server: Any  # wsgiref WSGIServer from prometheus_client
+    thread: threading.Thread
+
+    def close(self) -> None:
+        self.http_server.shutdown()  # waits for serve_forever to return
+        self.http_server.server_close()
+        self.thread.join(timeout=5)
+
+
+@dataclass
+class RunningServer:
+    """A started server; returned by `start_server`."""
+
+    port: int
+    metrics_port: int | None
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    registry: CollectorRegistry
+    service_names: tuple[str, ...]
+    _metrics_endpoint: _MetricsEndpoint | None = None
+    _on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    _stopped: bool = False
+
+    async def set_serving(self) -> None:
+        """Health SERVING for the server ("") and every bound service."""
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def set_not_serving(self) -> None:
+        """Health NOT_SERVING for the server ("") and every bound service."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def on_stop(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run `callback` during stop(), after the server stopped; last registered runs first."""
+        self._on_stop.append(callback)
+
+    async def stop(self, grace: float) -> None:
+        """NOT_SERVING, stop(grace), metrics endpoint down, on_stop callbacks. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        logger.info("stopping: health NOT_SERVING, %.1f s grace for in-flight RPCs", grace)
+        # Freezes every status at NOT_SERVING so that nothing flips it back during shutdown.
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        if self._metrics_endpoint is not None:
+            await asyncio.to_thread(self._metrics_endpoint.close)
+        for callback in reversed(self._on_stop):
+            try:
+                await callback()
+            except Exception:
+                # One failing cleanup must not skip the others.
+                logger.exception("a stop callback failed")
+        logger.info("stopped")
+
+    async def _set_health(self, status: int) -> None:
+        for name in (OVERALL_HEALTH, *self.service_names):
+            await self.health.set(name, status)
+
+
+async def start_server(
+    bindings: Sequence[ServiceBinding],
+    *,
+    listen: str,
+    metrics_listen: str | None,
+    registry: CollectorRegistry | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> RunningServer:
+    """Build, bind and start a server; health is NOT_SERVING until `set_serving()`.
+
+    `listen` and `metrics_listen` are "host:port" (port 0: ephemeral; the real ports are on the
+    result). `metrics_listen=None` serves no /metrics endpoint. Raises ListenError when an
+    address cannot be bound.
+    """
+    registry = registry if registry is not None else CollectorRegistry()
+    parse_host_port(listen)  # a clear ValueError before grpc's terse one
+    metrics_address = parse_host_port(metrics_listen) if metrics_listen is not None else None
+
+    # Metrics outermost so it sees the status the error interceptor produced; the error
+    # interceptor innermost of ours so extra interceptors (auth, ...) get their errors mapped.
+    interceptors = [MetricsInterceptor(GrpcServerMetrics(registry)), ErrorInterceptor()]
+    interceptors[1:1] = list(extra_interceptors)
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            # A second server on the same port must fail, not share the port silently.
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    service_names = tuple(binding.full_name for binding in bindings)
+    for binding in bindings:
+        binding.add_to_server(binding.servicer, server)
+
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in (OVERALL_HEALTH, *service_names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (*service_names, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+
+    try:
+        port = _bind(server, listen)
+    except ListenError:
+        await server.stop(None)
+        raise
+    await server.start()
+    metrics_endpoint: _MetricsEndpoint | None = None
+    metrics_port: int | None = None
+    if metrics_address is not None:
+        try:
+            metrics_endpoint = _start_metrics_endpoint(metrics_address, registry)
+        except ListenError:
+            await server.stop(None)
+            raise
+        metrics_port = int(metrics_endpoint.http_server.server_address[1])
+    logger.info(
+        "listening on port %d (%s), metrics %s",
+        port,
+        ", ".join(service_names) or "no services",
+        f"on port {metrics_port}" if metrics_port is not None else "off",
+    )
+    return RunningServer(
+        port=port,
+        metrics_port=metrics_port,
+        server=server,
+        health=health_servicer,
+        registry=registry,
+        service_names=service_names,
+        _metrics_endpoint=metrics_endpoint,
+    )
+
+
+async def serve_until_signal(running: RunningServer, *, grace: float) -> None:
+    """Serve until SIGTERM or SIGINT (or until the server stops by itself), then stop(grace)."""
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop_requested.set)
+    waiters = [
+        asyncio.ensure_future(stop_requested.wait()),
+        asyncio.ensure_future(running.server.wait_for_termination()),
+    ]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+    if stop_requested.is_set():
+        logger.info("stop signal received")
+    await running.stop(grace)
+
+
+def _bind(server: grpc.aio.Server, listen: str) -> int:
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError as exc:  # grpcio raises RuntimeError("Failed to bind to address ...")
+        raise ListenError(f"cannot listen for gRPC on {listen}: {exc}") from exc
+    if port == 0:  # older grpcio versions report a failed bind as port 0
+        raise ListenError(f"cannot listen for gRPC on {listen}: address in use or not allowed")
+    return int(port)
+
+
+def _start_metrics_endpoint(address: tuple[str, int], registry: CollectorRegistry) -> _MetricsEndpoint:
+    host, port = address
+    try:
+        http_server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise ListenError(f"cannot listen for /metrics on {host}:{port}: {exc}") from exc
+    return _MetricsEndpoint(http_server=http_server, thread=thread)
+
