@@ -9,11 +9,15 @@ import sys
 from collections.abc import Sequence
 
 from rbee.catalog.v1 import catalog_pb2_grpc
-from services.catalog.servicer import CatalogServicer
 from services.catalog.service import CatalogService, HostInfo
+from services.catalog.servicer import CatalogServicer
 from services.catalog.settings import CatalogSettings
 from services.catalog.store import CatalogStore
-from services.catalog.worker_types import WorkerTypeRegistry, host_platform
+from services.catalog.worker_types import (
+    WorkerTypeRegistry,
+    detect_device_kinds,
+    host_platform,
+)
 from services.common.logs import configure_logging, log_settings
 from services.common.server import ServiceBinding, serve_until_signal, start_server
 
@@ -26,9 +30,19 @@ async def run(settings: CatalogSettings) -> None:
     """Serve until SIGTERM/SIGINT: NOT_SERVING while opening the store, SERVING after."""
     store = CatalogStore.open(settings.database_path)
     plat, machine = host_platform()
-    service = CatalogService(store, WorkerTypeRegistry(), host=HostInfo(plat, machine))
+    service = CatalogService(
+        store,
+        WorkerTypeRegistry(),
+        host=HostInfo(plat, machine, detect_device_kinds(plat, machine)),
+    )
     running = await start_server(
-        [ServiceBinding(catalog_pb2_grpc.add_CatalogServiceServicer_to_server, CatalogServicer(service), SERVICE_NAME)],
+        [
+            ServiceBinding(
+                catalog_pb2_grpc.add_CatalogServiceServicer_to_server,
+                CatalogServicer(service),
+                SERVICE_NAME,
+            )
+        ],
         listen=settings.listen,
         metrics_listen=settings.metrics_listen,
     )

@@ -6,8 +6,9 @@ checked for completeness by the unit tests, so a value added on either side cann
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -100,8 +101,8 @@ KV_TYPE_TO_PB = {
 }
 
 
-def _inverse(table: dict[E, int]) -> dict[int, E]:
-    return {v: k for k, v in table.items()}
+def _inverse(table: Mapping[E, int]) -> dict[int, E]:
+    return {int(v): k for k, v in table.items()}
 
 
 SOURCE_KIND_FROM_PB = _inverse(SOURCE_KIND_TO_PB)
@@ -230,8 +231,9 @@ def metadata_to_pb(md: ModelMetadata) -> pb.ModelMetadata:
 
 
 def metadata_from_pb(msg: pb.ModelMetadata) -> ModelMetadata:
+    has_field: Any = msg.HasField  # the generated Literal overloads do not take a str variable
     values: dict[str, object] = {
-        field: getattr(msg, field) for field in _OPTIONAL_METADATA_FIELDS if msg.HasField(field)
+        field: getattr(msg, field) for field in _OPTIONAL_METADATA_FIELDS if has_field(field)
     }
     return ModelMetadata(
         format=_enum_from_pb(FORMAT_FROM_PB, msg.format, "metadata.format"),
@@ -561,7 +563,9 @@ def memory_from_pb(msg: pb.MemoryEstimate) -> MemoryEstimate:
         vram_bytes=msg.vram_bytes,
         gpu_layers=msg.gpu_layers,
         total_layers=msg.total_layers,
-        available_ram_bytes=msg.available_ram_bytes if msg.HasField("available_ram_bytes") else None,
+        available_ram_bytes=msg.available_ram_bytes
+        if msg.HasField("available_ram_bytes")
+        else None,
         available_vram_bytes=msg.available_vram_bytes
         if msg.HasField("available_vram_bytes")
         else None,

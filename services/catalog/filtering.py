@@ -36,7 +36,14 @@ import enum
 import json
 from dataclasses import dataclass
 
-from services.catalog.domain import ID_PATTERN, Model, ModelFormat, ModelState, ModelType, SourceKind
+from services.catalog.domain import (
+    ID_PATTERN,
+    Model,
+    ModelFormat,
+    ModelState,
+    ModelType,
+    SourceKind,
+)
 from services.common.errors import InvalidArgument
 
 MAX_FILTER_LENGTH = 1024
@@ -208,9 +215,7 @@ def _unexpected_character(text: str, i: int) -> str:
         hint = "parentheses are not supported; join terms with AND"
     else:
         hint = "expected field=value terms joined by AND"
-    return (
-        f"unexpected character {char!r} at position {i}; {hint}; allowed fields: {_ALLOWED_TEXT}"
-    )
+    return f"unexpected character {char!r} at position {i}; {hint}; allowed fields: {_ALLOWED_TEXT}"
 
 
 def _read_string(text: str, start: int) -> tuple[_Token, int]:
@@ -246,9 +251,7 @@ def _expect_and(token: _Token) -> None:
     elif token.kind is _Kind.WORD and token.text.upper() == "AND":
         message = f"{token.text!r} at position {token.position}: the keyword is AND (upper case)"
     else:
-        message = (
-            f"unexpected {token.text!r} at position {token.position}; terms are joined by AND"
-        )
+        message = f"unexpected {token.text!r} at position {token.position}; terms are joined by AND"
     raise _filter_error(message)
 
 

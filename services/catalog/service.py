@@ -21,6 +21,7 @@ from services.catalog import compat
 from services.catalog.domain import (
     CompatibilityResult,
     Device,
+    DeviceKind,
     Install,
     KvCacheType,
     Model,
@@ -42,7 +43,6 @@ from services.common.errors import (
     InvalidArgument,
     NotFound,
     PreconditionViolation,
-
 )
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ class HostInfo:
 
     platform: str
     machine: str
+    device_kinds: frozenset[DeviceKind] = frozenset({DeviceKind.CPU})
 
 
 # Checks whether models are in use by a running worker; the worker pool plugs in here.
@@ -263,7 +264,9 @@ class CatalogService:
         if patch.fields & {"paths", "source"}:
             await self._run_db(lambda: self._check_unique_update(updated))
         expected = patch.etag or current.etag
-        stored = await self._run_db(lambda: self._store.update_model(updated, expected_etag=expected))
+        stored = await self._run_db(
+            lambda: self._store.update_model(updated, expected_etag=expected)
+        )
         _raise_if_inspection_failed(stored, needs_inspection)
         return stored
 
@@ -330,7 +333,9 @@ class CatalogService:
             raise FailedPrecondition(
                 f"{current.name} is still downloading", reason="MODEL_NOT_READY"
             )
-        refreshed = await self._with_inspection(current.model_copy(update={"state": ModelState.READY}))
+        refreshed = await self._with_inspection(
+            current.model_copy(update={"state": ModelState.READY})
+        )
         stored = await self._run_db(
             lambda: self._store.update_model(refreshed, expected_etag=current.etag)
         )
@@ -364,7 +369,11 @@ class CatalogService:
     # ---- worker types and installs ---------------------------------------------------------
 
     def supported_on_host(self, worker_type: WorkerType) -> bool:
-        return self._registry.host_supports(worker_type, self._host.platform, self._host.machine)
+        """Platform, CPU architecture and device kind all present on the catalog host."""
+        return (
+            self._registry.host_supports(worker_type, self._host.platform, self._host.machine)
+            and worker_type.device_kind in self._host.device_kinds
+        )
 
     async def get_worker_type(self, name: str) -> WorkerType:
         return self._registry.get(parse_resource_name(name, "worker-types"))
@@ -556,9 +565,7 @@ def _validated_path(path: str, field_name: str) -> str:
 def _validated_draft(draft: ModelDraft) -> ModelDraft:
     if len(draft.paths) > MAX_PATHS:
         raise InvalidArgument.for_field("model.paths", f"at most {MAX_PATHS} paths")
-    paths = tuple(
-        _validated_path(p, f"model.paths[{i}]") for i, p in enumerate(draft.paths)
-    )
+    paths = tuple(_validated_path(p, f"model.paths[{i}]") for i, p in enumerate(draft.paths))
     if len(draft.display_name) > MAX_DISPLAY_NAME_CHARS or "\x00" in draft.display_name:
         raise InvalidArgument.for_field(
             "model.display_name", f"at most {MAX_DISPLAY_NAME_CHARS} characters, no NUL bytes"
@@ -594,7 +601,9 @@ def _validated_draft(draft: ModelDraft) -> ModelDraft:
     if source.kind is SourceKind.URL and not (source.url or "").startswith(("http://", "https://")):
         raise InvalidArgument.for_field("model.source.url", "a url source needs an http(s) url")
     if source.path:
-        source = source.model_copy(update={"path": _validated_path(source.path, "model.source.path")})
+        source = source.model_copy(
+            update={"path": _validated_path(source.path, "model.source.path")}
+        )
     sha = draft.sha256.lower() if draft.sha256 else None
     return ModelDraft(
         source=source,
@@ -637,16 +646,16 @@ def _install_matches(install: Install, terms: dict[str, str]) -> bool:
     return True
 
 
-def _parse_simple_filter(
-    text: str, allowed: set[str], *, labels: bool = False
-) -> dict[str, str]:
+def _parse_simple_filter(text: str, allowed: set[str], *, labels: bool = False) -> dict[str, str]:
     """`a=b AND c=d` with bare or quoted values: enough for the small collections (worker
     types, installs); models use the full parser in services.catalog.filtering."""
     terms: dict[str, str] = {}
     if not text.strip():
         return terms
     if len(text) > 1024:
-        raise InvalidArgument.for_field("filter", "at most 1024 characters", reason="INVALID_FILTER")
+        raise InvalidArgument.for_field(
+            "filter", "at most 1024 characters", reason="INVALID_FILTER"
+        )
     for raw in text.split(" AND "):
         key, sep, value = raw.strip().partition("=")
         key, value = key.strip(), value.strip().strip('"')

@@ -131,7 +131,9 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
     ) -> pb.EvaluateCompatibilityResponse:
         compat_request = convert.compatibility_request_from_pb(request)
         if request.HasField("metadata"):
-            compat_request = _with_metadata(compat_request, convert.metadata_from_pb(request.metadata))
+            compat_request = _with_metadata(
+                compat_request, convert.metadata_from_pb(request.metadata)
+            )
         results, ctx = await self._service.evaluate_compatibility(compat_request)
         return pb.EvaluateCompatibilityResponse(
             results=[convert.compat_result_to_pb(r) for r in results], context_length_used=ctx

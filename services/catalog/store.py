@@ -7,10 +7,12 @@ store may be called from any thread, one at a time (the service calls it from a 
 thread).
 
 Layout: each model is stored whole as JSON (`Model.model_dump_json`, the single source of
-truth) plus denormalised columns for filtering, each indexed together with `id` so that a
-filtered, keyset-paginated list (`WHERE col = ? AND id > ? ORDER BY id LIMIT n`) walks one
-index in order and stops after n rows. Labels and paths live in side tables (exact lookups by
-key/value and by path) that cascade on delete.
+truth) plus denormalised columns for filtering, each indexed as (column, id, other filter
+columns) so that a filtered, keyset-paginated list (`WHERE col = ? AND id > ? ORDER BY id
+LIMIT n`) walks one index in order, checks the other filter terms inside it, and stops after n
+matches. Labels and paths live in side tables that cascade on delete; a `labels.KEY=value`
+filter walks the (key, value, model_id) index instead. At 100k models every measured filtered
+page costs < 1 ms of SQL except rare matches of `!=`-only filters (an id-order scan).
 
 Schema changes are numbered migrations applied in order at open; `meta.schema_version` records
 the last applied one. Opening does no full scan, so it stays fast at any size.
@@ -22,8 +24,9 @@ import logging
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -82,13 +85,23 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                 data TEXT NOT NULL
             )
             """,
-            "CREATE INDEX models_state_id ON models (state, id)",
-            "CREATE INDEX models_source_kind_id ON models (source_kind, id)",
-            "CREATE INDEX models_model_type_id ON models (model_type, id)",
-            "CREATE INDEX models_format_id ON models (format, id)",
-            "CREATE INDEX models_architecture_id ON models (architecture, id)",
-            "CREATE INDEX models_family_id ON models (family, id)",
-            "CREATE INDEX models_quantization_id ON models (quantization, id)",
+            # One index per filter column, ordered by (column, id) for keyset pages, and
+            # carrying every other filter column: a combined filter (state=x AND format=y) is
+            # checked inside the index and only matching rows are read from the table.
+            "CREATE INDEX models_state_id ON models"
+            " (state, id, source_kind, model_type, format, architecture, family, quantization)",
+            "CREATE INDEX models_source_kind_id ON models"
+            " (source_kind, id, state, model_type, format, architecture, family, quantization)",
+            "CREATE INDEX models_model_type_id ON models"
+            " (model_type, id, state, source_kind, format, architecture, family, quantization)",
+            "CREATE INDEX models_format_id ON models"
+            " (format, id, state, source_kind, model_type, architecture, family, quantization)",
+            "CREATE INDEX models_architecture_id ON models"
+            " (architecture, id, state, source_kind, model_type, format, family, quantization)",
+            "CREATE INDEX models_family_id ON models"
+            " (family, id, state, source_kind, model_type, format, architecture, quantization)",
+            "CREATE INDEX models_quantization_id ON models"
+            " (quantization, id, state, source_kind, model_type, format, architecture, family)",
             "CREATE INDEX models_source_key ON models (source_key)",
             """
             CREATE TABLE model_labels (
@@ -119,6 +132,12 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "CREATE INDEX installs_worker_type_id ON installs (worker_type, id)",
         ),
     ),
+)
+
+_INSERT_MODEL = (
+    "INSERT INTO models (id, state, source_kind, model_type, format, architecture,"
+    " family, quantization, source_key, created_at, updated_at, etag, data)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 # Filter field -> indexed column. Values reach SQL only as parameters, never as text.
@@ -221,14 +240,39 @@ class CatalogStore:
                     resource_type="model",
                     resource_name=f"models/{model.id}",
                 )
-            connection.execute(
-                "INSERT INTO models (id, state, source_kind, model_type, format, architecture,"
-                " family, quantization, source_key, created_at, updated_at, etag, data)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (stored.id, *_model_columns(stored)),
-            )
+            connection.execute(_INSERT_MODEL, (stored.id, *_model_columns(stored)))
             _write_model_children(connection, stored)
         return stored
+
+    def create_models(self, models: Iterable[Model]) -> list[Model]:
+        """Insert many models in ONE transaction (one fsync): all or none.
+
+        For imports and benchmarks; each model is stored exactly as `create_model` would
+        store it, with the same errors (the first one aborts the whole batch).
+        """
+        now = _utc_now()
+        stored_models: list[Model] = []
+        with self._write() as connection:
+            for model in models:
+                validate_id(model.id, field="model_id")
+                stored = model.model_copy(
+                    update={
+                        "created_at": _as_utc(model.created_at),
+                        "updated_at": now,
+                        "etag": _new_etag(),
+                    }
+                )
+                if _exists(connection, "models", model.id):
+                    raise AlreadyExists(
+                        f"model models/{model.id} already exists",
+                        reason="MODEL_ALREADY_EXISTS",
+                        resource_type="model",
+                        resource_name=f"models/{model.id}",
+                    )
+                connection.execute(_INSERT_MODEL, (stored.id, *_model_columns(stored)))
+                _write_model_children(connection, stored)
+                stored_models.append(stored)
+        return stored_models
 
     def get_model(self, model_id: str) -> Model:
         """The model with `model_id`; NotFound (MODEL_NOT_FOUND) when there is none."""
@@ -257,11 +301,12 @@ class CatalogStore:
         size = normalize_page_size(page_size)
         fingerprint = filter_fingerprint("models", flt.normalized(), _ORDER_BY_ID)
         after = self._tokens.decode(page_token, fingerprint)
-        conditions, params = model_filter_to_sql(flt)
+        query = model_filter_to_sql(flt)
+        conditions, params = list(query.conditions), list(query.params)
         if after is not None:
-            conditions.append("m.id > ?")
+            conditions.append(f"{query.key} > ?")
             params.append(after)
-        sql = f"SELECT m.data FROM models AS m{_where(conditions)} ORDER BY m.id LIMIT ?"
+        sql = f"SELECT m.data FROM {query.source}{_where(conditions)} ORDER BY {query.key} LIMIT ?"
         with self._read() as connection:
             rows = connection.execute(sql, (*params, size + 1)).fetchall()
         models = [Model.model_validate_json(row[0]) for row in rows[:size]]
@@ -270,10 +315,10 @@ class CatalogStore:
 
     def count_models(self, flt: ModelFilter | None = None) -> int:
         """How many models match `flt` (all models without one)."""
-        conditions, params = model_filter_to_sql(flt or ModelFilter())
-        sql = f"SELECT COUNT(*) FROM models AS m{_where(conditions)}"
+        query = model_filter_to_sql(flt or ModelFilter())
+        sql = f"SELECT COUNT(*) FROM {query.source}{_where(query.conditions)}"
         with self._read() as connection:
-            row = connection.execute(sql, params).fetchone()
+            row = connection.execute(sql, query.params).fetchone()
         return int(row[0])
 
     def update_model(self, model: Model, *, expected_etag: str | None = None) -> Model:
@@ -469,26 +514,57 @@ class CatalogStore:
                 raise
 
 
-def model_filter_to_sql(flt: ModelFilter) -> tuple[list[str], list[object]]:
-    """SQL conditions over `models AS m` (to be joined with AND) and their parameters.
+@dataclass(frozen=True)
+class ModelQuery:
+    """A filter over models as SQL: `SELECT ... FROM {source} WHERE {conditions} ORDER BY {key}`.
 
-    Every value is a `?` parameter; only fixed column names and operators are text.
+    `source` names the models table `m`; `key` is the column that orders pages (always equal
+    to `m.id`). Every value is a `?` parameter; only fixed column names and operators are text.
     """
+
+    source: str
+    key: str
+    conditions: tuple[str, ...]
+    params: tuple[object, ...]
+
+
+def model_filter_to_sql(flt: ModelFilter) -> ModelQuery:
+    """Turn `flt` into parameterised SQL over `models AS m`.
+
+    With a `labels.KEY=value` term the query is driven by the label index instead
+    (`model_labels AS d`, ordered by `d.model_id`): a page then reads only the models that carry
+    the label, in id order, however rare or common the label is.
+    """
+    driver = next(
+        (t for t in flt.terms if t.field == "labels" and t.op is FilterOp.EQ),
+        None,
+    )
     conditions: list[str] = []
     params: list[object] = []
+    if driver is None:
+        source, key = "models AS m", "m.id"
+    else:
+        source, key = "model_labels AS d JOIN models AS m ON m.id = d.model_id", "d.model_id"
+        conditions.append("d.key = ? AND d.value = ?")
+        params.extend([driver.label_key, driver.value])
     for term in flt.terms:
+        if term is driver:
+            continue
         condition, term_params = _term_sql(term)
         conditions.append(condition)
         params.extend(term_params)
-    return conditions, params
+    return ModelQuery(source, key, tuple(conditions), tuple(params))
 
 
 def _term_sql(term: FilterTerm) -> tuple[str, list[object]]:
     negate = term.op is FilterOp.NE
     if term.field == "labels":
-        label_match = "SELECT model_id FROM model_labels WHERE key = ? AND value = ?"
-        operator = "NOT IN" if negate else "IN"
-        return f"m.id {operator} ({label_match})", [term.label_key, term.value]
+        # A primary-key probe per candidate row: (model_id, key) then the value.
+        label_match = (
+            "EXISTS (SELECT 1 FROM model_labels AS l"
+            " WHERE l.model_id = m.id AND l.key = ? AND l.value = ?)"
+        )
+        return (f"NOT {label_match}" if negate else label_match), [term.label_key, term.value]
     if term.field == NAME_FIELD:
         if not term.prefix:
             return ("m.id != ?" if negate else "m.id = ?"), [term.value]

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import builtins
 import platform as platform_module
+import shutil
+from pathlib import Path
 
 from services.catalog.domain import Backend, DeviceKind, ModelFormat, ModelType, WorkerType
 from services.catalog.llm_architectures import ArchitectureList, resolve_architectures
@@ -161,6 +163,21 @@ def host_platform() -> tuple[str, str]:
     return normalize_platform(platform_module.system()), normalize_machine(
         platform_module.machine()
     )
+
+
+def detect_device_kinds(platform: str, machine: str) -> frozenset[DeviceKind]:
+    """The device kinds present on this host, cheaply (no CUDA or torch import).
+
+    CUDA: the NVIDIA kernel driver is loaded (/proc/driver/nvidia/version on Linux) or
+    nvidia-smi is on PATH (Windows). Metal: Apple silicon macOS.
+    """
+    kinds = {DeviceKind.CPU}
+    platform, machine = normalize_platform(platform), normalize_machine(machine)
+    if Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi"):
+        kinds.add(DeviceKind.CUDA)
+    if platform == "macos" and machine == "aarch64":
+        kinds.add(DeviceKind.METAL)
+    return frozenset(kinds)
 
 
 def host_supports(worker_type: WorkerType, platform: str, machine: str) -> bool:

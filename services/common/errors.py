@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 ERROR_DOMAIN = "rbee.dev"
 
@@ -92,7 +92,9 @@ class InvalidArgument(RbeeError):
         self.field_violations = list(field_violations)
 
     @classmethod
-    def for_field(cls, field_name: str, description: str, *, reason: str | None = None) -> InvalidArgument:
+    def for_field(
+        cls, field_name: str, description: str, *, reason: str | None = None
+    ) -> InvalidArgument:
         """One bad field: the message names the field and says what is wrong."""
         return cls(
             f"{field_name}: {description}",

@@ -22,6 +22,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import Token
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -110,11 +111,19 @@ class _ErrorScope:
         self._method = details.method
         self._context = context
         self._request_id = request_id_from_metadata(details.invocation_metadata)
-        self._token = bind_request_id(self._request_id)
+        self._token: Token[str | None] | None = None
 
     async def __aenter__(self) -> None:
-        # Sent up front so the client has the id even when the call later fails.
-        await self._context.send_initial_metadata(((REQUEST_ID_METADATA_KEY, self._request_id),))
+        self._token = bind_request_id(self._request_id)
+        try:
+            # Sent up front so the client has the id even when the call later fails. Handlers
+            # therefore cannot send initial metadata of their own (use trailing metadata).
+            await self._context.send_initial_metadata(
+                ((REQUEST_ID_METADATA_KEY, self._request_id),)
+            )
+        except BaseException:
+            unbind_request_id(self._token)
+            raise
 
     def message_sent(self) -> None:
         pass
@@ -134,16 +143,17 @@ class _ErrorScope:
             ):
                 return False
             status = status_from_error(exc, request_id=self._request_id)
-            self._log(exc, status.code)
-            if self._context.done():
-                return False  # the client is gone; nobody to tell
+            self._log(exc)
+            if self._context.done() or self._context.cancelled():
+                return False  # a status was already sent, or the client is gone
         finally:
-            unbind_request_id(self._token)
+            if self._token is not None:
+                unbind_request_id(self._token)
         # Raises grpc.aio.AbortError, which replaces `exc` on the way out.
         await self._context.abort_with_status(rpc_status.to_status(status))
         return False
 
-    def _log(self, exc: Exception, code: int) -> None:
+    def _log(self, exc: Exception) -> None:
         if isinstance(exc, RbeeError):
             level = logging.INFO if exc.kind in _CLIENT_ERROR_KINDS else logging.WARNING
             logger.log(

@@ -7,6 +7,7 @@ This module knows nothing about grpc: metadata is a sequence of (key, value) pai
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
 from collections.abc import Iterable
@@ -56,7 +57,5 @@ def unbind_request_id(token: Token[str | None]) -> None:
     and the generator is closed by the event loop's asyncgen hook); resetting the token there
     raises ValueError. That context dies with the RPC task anyway, so there is nothing to undo.
     """
-    try:
+    with contextlib.suppress(ValueError):
         _request_id.reset(token)
-    except ValueError:
-        pass

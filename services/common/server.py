@@ -15,6 +15,7 @@ only when the caller says it is ready. Stopping is a sequence: NOT_SERVING, `ser
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 import threading
@@ -86,8 +87,10 @@ class RunningServer:
     registry: CollectorRegistry
     service_names: tuple[str, ...]
     _metrics_endpoint: _MetricsEndpoint | None = None
-    _on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    _on_stop: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
     _stopped: bool = False
+    # Set when stop() begins, so serve_until_signal also returns when someone else stops us.
+    _stop_started: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def set_serving(self) -> None:
         """Health SERVING for the server ("") and every bound service."""
@@ -97,8 +100,8 @@ class RunningServer:
         """Health NOT_SERVING for the server ("") and every bound service."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    def on_stop(self, callback: Callable[[], Awaitable[None]]) -> None:
-        """Run `callback` during stop(), after the server stopped; last registered runs first."""
+    def on_stop(self, callback: Callable[[], Awaitable[None] | None]) -> None:
+        """Call `callback` (sync or async) in stop(), after the server stopped; LIFO order."""
         self._on_stop.append(callback)
 
     async def stop(self, grace: float) -> None:
@@ -106,6 +109,7 @@ class RunningServer:
         if self._stopped:
             return
         self._stopped = True
+        self._stop_started.set()
         logger.info("stopping: health NOT_SERVING, %.1f s grace for in-flight RPCs", grace)
         # Freezes every status at NOT_SERVING so that nothing flips it back during shutdown.
         await self.health.enter_graceful_shutdown()
@@ -114,11 +118,17 @@ class RunningServer:
             await asyncio.to_thread(self._metrics_endpoint.close)
         for callback in reversed(self._on_stop):
             try:
-                await callback()
+                result = callback()
+                if inspect.isawaitable(result):
+                    await result
             except Exception:
                 # One failing cleanup must not skip the others.
                 logger.exception("a stop callback failed")
         logger.info("stopped")
+
+    async def wait_until_stopping(self) -> None:
+        """Return once stop() has begun (at once if it already has)."""
+        await self._stop_started.wait()
 
     async def _set_health(self, status: int) -> None:
         for name in (OVERALL_HEALTH, *self.service_names):
@@ -202,15 +212,17 @@ async def start_server(
 
 
 async def serve_until_signal(running: RunningServer, *, grace: float) -> None:
-    """Serve until SIGTERM or SIGINT (or until the server stops by itself), then stop(grace)."""
+    """Serve until SIGTERM or SIGINT (or until something else stops it), then stop(grace)."""
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
     for signum in signals:
         loop.add_signal_handler(signum, stop_requested.set)
+    # Not server.wait_for_termination(): cancelling that waiter cancels grpc's own shutdown
+    # future, and a later server.stop() then dies with CancelledError.
     waiters = [
         asyncio.ensure_future(stop_requested.wait()),
-        asyncio.ensure_future(running.server.wait_for_termination()),
+        asyncio.ensure_future(running.wait_until_stopping()),
     ]
     try:
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -234,11 +246,12 @@ def _bind(server: grpc.aio.Server, listen: str) -> int:
     return int(port)
 
 
-def _start_metrics_endpoint(address: tuple[str, int], registry: CollectorRegistry) -> _MetricsEndpoint:
+def _start_metrics_endpoint(
+    address: tuple[str, int], registry: CollectorRegistry
+) -> _MetricsEndpoint:
     host, port = address
     try:
         http_server, thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
         raise ListenError(f"cannot listen for /metrics on {host}:{port}: {exc}") from exc
     return _MetricsEndpoint(http_server=http_server, thread=thread)
-

@@ -4,7 +4,7 @@ Each service subclasses `ServiceSettings`, sets its own env prefix and default p
 
     class CatalogSettings(ServiceSettings):
         model_config = SettingsConfigDict(env_prefix="RBEE_CATALOG_")
-        listen: HostPort = "127.0.0.1:50051"
+        listen: str = "127.0.0.1:50051"
 
 and reads `RBEE_CATALOG_LISTEN`, `RBEE_CATALOG_METRICS_LISTEN`, ... . A few settings are the
 same for every service on a hive and also come from an unprefixed variable (`RBEE_HOME`,
@@ -20,7 +20,15 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, SecretBytes, SecretStr, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    Field,
+    SecretBytes,
+    SecretStr,
+    field_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -120,11 +128,11 @@ class ServiceSettings(BaseSettings):
         default_factory=lambda: Path(DEFAULT_HOME).expanduser(),
         description="Where the hive keeps its state (database, models, installs, logs).",
     )
-    listen: HostPort = Field(
+    listen: str = Field(
         default="127.0.0.1:0",
         description="gRPC listen address host:port; services override the default port.",
     )
-    metrics_listen: OptionalHostPort = Field(
+    metrics_listen: str | None = Field(
         default=None,
         description="Prometheus /metrics address host:port (port 0: ephemeral); None: off.",
     )
@@ -153,6 +161,18 @@ class ServiceSettings(BaseSettings):
             _SharedEnvSource(settings_cls),
             file_secret_settings,
         )
+
+    # Validators by field name, not by annotation, so that they still apply when a service
+    # overrides the field to change its default (`listen: str = "127.0.0.1:50061"`).
+    @field_validator("metrics_listen", mode="before")
+    @classmethod
+    def _empty_means_off(cls, value: Any) -> Any:
+        return _empty_to_none(value)
+
+    @field_validator("listen", "metrics_listen")
+    @classmethod
+    def _valid_host_port(cls, value: str | None) -> str | None:
+        return None if value is None else _check_host_port(value)
 
     @field_validator("home")
     @classmethod

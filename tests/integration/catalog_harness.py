@@ -12,8 +12,9 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from rbee.catalog.v1 import catalog_pb2_grpc
-from services.catalog.servicer import CatalogServicer
+from services.catalog.domain import DeviceKind
 from services.catalog.service import CatalogService, HostInfo
+from services.catalog.servicer import CatalogServicer
 from services.catalog.store import CatalogStore
 from services.catalog.worker_types import WorkerTypeRegistry
 from services.common.server import RunningServer, ServiceBinding, start_server
@@ -39,7 +40,9 @@ def running_catalog(home: Path, *, host: HostInfo | None = None) -> Iterator[Cat
     async def start() -> None:
         store = CatalogStore.open(home / "catalog" / "catalog.db")
         service = CatalogService(
-            store, WorkerTypeRegistry(), host=host or HostInfo("linux", "x86_64")
+            store,
+            WorkerTypeRegistry(),
+            host=host or HostInfo("linux", "x86_64", frozenset({DeviceKind.CPU, DeviceKind.CUDA})),
         )
         running = await start_server(
             [
@@ -71,8 +74,9 @@ def running_catalog(home: Path, *, host: HostInfo | None = None) -> Iterator[Cat
     thread.start()
     if not ready.wait(30):
         raise TimeoutError("catalog server did not start within 30 s")
-    if "error" in holder:
-        raise RuntimeError("catalog server failed to start") from holder["error"]  # type: ignore[arg-type]
+    error = holder.get("error")
+    if isinstance(error, BaseException):
+        raise RuntimeError("catalog server failed to start") from error
     running = holder["running"]
     assert isinstance(running, RunningServer)
     try:

@@ -205,7 +205,14 @@ def test_not_found_and_invalid_name_details(stub: catalog_pb2_grpc.CatalogServic
     assert details["ErrorInfo"].domain == "rbee.dev"  # type: ignore[attr-defined]
     assert details["ResourceInfo"].resource_name == "models/nope"  # type: ignore[attr-defined]
 
-    for bad in ("models/../etc/passwd", "models/A", "/etc/passwd", "models/", "models/a/b", "x" * 5000):
+    for bad in (
+        "models/../etc/passwd",
+        "models/A",
+        "/etc/passwd",
+        "models/",
+        "models/a/b",
+        "x" * 5000,
+    ):
         with pytest.raises(grpc.RpcError) as info:
             stub.GetModel(pb.GetModelRequest(name=bad), timeout=5)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
@@ -241,7 +248,9 @@ def test_pagination_and_filters(
     gguf, total = client.list_models(filter="format=gguf", all_pages=True)
     assert total == 7 and all(m.metadata and m.metadata.format.value == "gguf" for m in gguf)
     images, total = client.list_models(filter="model_type=image AND family=sdxl", all_pages=True)
-    assert [m.id for m in images] == [m.id for m in images if m.metadata and m.metadata.family == "sdxl"]
+    assert [m.id for m in images] == [
+        m.id for m in images if m.metadata and m.metadata.family == "sdxl"
+    ]
     assert total == 1
     with pytest.raises(InvalidArgumentError) as info:
         client.list_models(filter="colour=blue")
@@ -262,7 +271,9 @@ def test_update_etag_and_delete(stub: catalog_pb2_grpc.CatalogServiceStub, tmp_p
     )
     updated = stub.UpdateModel(
         pb.UpdateModelRequest(
-            model=pb.Model(name="models/mine", display_name="Mine", labels={"team": "ml"}, etag=model.etag),
+            model=pb.Model(
+                name="models/mine", display_name="Mine", labels={"team": "ml"}, etag=model.etag
+            ),
             update_mask=FieldMask(paths=["display_name", "labels"]),
         ),
         timeout=5,
@@ -328,17 +339,30 @@ def test_compatibility_per_worker_type_and_device(client: CatalogClient, tmp_pat
 
     big = write_header_only_gguf(tmp_path / "llama3-8b.Q4_K_M.gguf", **LLAMA3_8B)
     model = client.register_local(str(big))
-    gpu = Device(kind=DeviceKind.CUDA, name="cuda:0", free_vram_bytes=24 * GiB, total_vram_bytes=24 * GiB, free_ram_bytes=64 * GiB, total_ram_bytes=64 * GiB)
-    results, ctx = client.evaluate_compatibility(model.id, worker_types=["cuda-llm"], device=gpu, context_length=8192)
+    gpu = Device(
+        kind=DeviceKind.CUDA,
+        name="cuda:0",
+        free_vram_bytes=24 * GiB,
+        total_vram_bytes=24 * GiB,
+        free_ram_bytes=64 * GiB,
+        total_ram_bytes=64 * GiB,
+    )
+    results, ctx = client.evaluate_compatibility(
+        model.id, worker_types=["cuda-llm"], device=gpu, context_length=8192
+    )
     assert ctx == 8192
     (r,) = results
     assert r.verdict is Verdict.FITS_GPU
     assert r.memory is not None and r.memory.kv_cache_bytes == 1 * GiB
     small = gpu.model_copy(update={"free_vram_bytes": 3 * GiB, "total_vram_bytes": 3 * GiB})
-    (r,) = client.evaluate_compatibility(model.id, worker_types=["cuda-llm"], device=small, context_length=8192)[0]
+    (r,) = client.evaluate_compatibility(
+        model.id, worker_types=["cuda-llm"], device=small, context_length=8192
+    )[0]
     assert r.verdict is Verdict.PARTIAL_OFFLOAD
     assert r.memory is not None and 0 < r.memory.gpu_layers < r.memory.total_layers
-    tiny_ram = Device(kind=DeviceKind.CPU, name="cpu", free_ram_bytes=1 * GiB, total_ram_bytes=1 * GiB)
+    tiny_ram = Device(
+        kind=DeviceKind.CPU, name="cpu", free_ram_bytes=1 * GiB, total_ram_bytes=1 * GiB
+    )
     (r,) = client.evaluate_compatibility(model.id, worker_types=["cpu-llm"], device=tiny_ram)[0]
     assert r.verdict is Verdict.TOO_LARGE
 
@@ -361,7 +385,9 @@ def test_worker_types_and_installs(stub: catalog_pb2_grpc.CatalogServiceStub) ->
     )
     assert [w.name for w in first.worker_types] + [w.name for w in second.worker_types] == names
     assert not second.next_page_token
-    on_host = stub.ListWorkerTypes(pb.ListWorkerTypesRequest(filter="supported_on_host=true"), timeout=5)
+    on_host = stub.ListWorkerTypes(
+        pb.ListWorkerTypesRequest(filter="supported_on_host=true"), timeout=5
+    )
     assert all(w.supported_on_host for w in on_host.worker_types)
     with pytest.raises(grpc.RpcError) as info:
         stub.GetWorkerType(pb.GetWorkerTypeRequest(name="worker-types/rocm-llm"), timeout=5)
@@ -369,12 +395,18 @@ def test_worker_types_and_installs(stub: catalog_pb2_grpc.CatalogServiceStub) ->
 
     install = stub.CreateInstall(
         pb.CreateInstallRequest(
-            install=pb.Install(worker_type="worker-types/cpu-llm", version="0.3.36-1", backend_version="llama-cpp-python 0.3.36")
+            install=pb.Install(
+                worker_type="worker-types/cpu-llm",
+                version="0.3.36-1",
+                backend_version="llama-cpp-python 0.3.36",
+            )
         ),
         timeout=5,
     )
     assert install.name == "installs/cpu-llm-0-3-36-1"
-    listed = stub.ListInstalls(pb.ListInstallsRequest(filter="worker_type=worker-types/cpu-llm"), timeout=5)
+    listed = stub.ListInstalls(
+        pb.ListInstallsRequest(filter="worker_type=worker-types/cpu-llm"), timeout=5
+    )
     assert [i.name for i in listed.installs] == [install.name]
     stub.DeleteInstall(pb.DeleteInstallRequest(name=install.name), timeout=5)
     assert not stub.ListInstalls(pb.ListInstallsRequest(), timeout=5).installs
@@ -393,12 +425,19 @@ def test_inspect_path_rpc(stub: catalog_pb2_grpc.CatalogServiceStub, tmp_path: P
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_metrics_are_scraped(server: CatalogServer, stub: catalog_pb2_grpc.CatalogServiceStub) -> None:
+def test_metrics_are_scraped(
+    server: CatalogServer, stub: catalog_pb2_grpc.CatalogServiceStub
+) -> None:
     with pytest.raises(grpc.RpcError):
         stub.GetModel(pb.GetModelRequest(name="models/none"), timeout=5)
     stub.ListModels(pb.ListModelsRequest(), timeout=5)
-    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
-    assert 'rbee_grpc_server_handled_total{code="NOT_FOUND",method="GetModel",service="rbee.catalog.v1.CatalogService"} 1.0' in body
+    body = (
+        urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5)
+        .read()
+        .decode()
+    )
+    labels = 'code="NOT_FOUND",method="GetModel",service="rbee.catalog.v1.CatalogService"'
+    assert f"rbee_grpc_server_handled_total{{{labels}}} 1.0" in body
     assert 'method="ListModels"' in body and "rbee_grpc_server_handling_seconds_bucket" in body
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import message
+from google.protobuf import descriptor_pb2, message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -95,7 +95,9 @@ class PlumbingServicer:
         raise_for(request)
         return request
 
-    async def count(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def count(
+        self, request: bytes, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
         try:
             if request == b"forever":
                 index = 0
@@ -176,7 +178,7 @@ def unpack_details(status: status_pb2.Status | None) -> dict[str, message.Messag
     unpacked: dict[str, message.Message] = {}
     for detail in status.details:
         for cls in types:
-            if detail.Is(cls.DESCRIPTOR):
+            if detail.TypeName() == cls.DESCRIPTOR.full_name:
                 target = cls()
                 detail.Unpack(target)
                 unpacked[cls.DESCRIPTOR.name] = target
@@ -380,6 +382,25 @@ async def test_unexpected_error_logged_with_traceback_and_request_id(
     assert failures[0]["level"] == "ERROR"
 
 
+def test_configure_logging_is_idempotent_and_stamps_records() -> None:
+    root = logging.getLogger()
+    level, handlers_before = root.level, list(root.handlers)
+    first, second = io.StringIO(), io.StringIO()
+    try:
+        configure_logging("INFO", "json", stream=first)
+        handler = configure_logging("debug", "text", stream=second)
+        logging.getLogger("rbee.test").debug("outside any %s", "rpc")
+        assert [h for h in root.handlers if h not in handlers_before] == [handler]
+        assert root.level == logging.DEBUG
+    finally:
+        for extra in [h for h in root.handlers if h not in handlers_before]:
+            root.removeHandler(extra)
+        root.setLevel(level)
+
+    assert first.getvalue() == ""
+    assert second.getvalue().rstrip().endswith("DEBUG rbee.test [-] outside any rpc")
+
+
 # --- health, reflection, metrics, lifecycle -----------------------------------------------
 
 
@@ -419,8 +440,13 @@ async def test_reflection_describes_health(channel: grpc.aio.Channel) -> None:
     request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="grpc.health.v1.Health")
     responses = [response async for response in stub.ServerReflectionInfo(iter([request]))]
 
-    files = responses[0].file_descriptor_response.file_descriptor_proto
-    assert any(b"grpc/health/v1/health.proto" in raw for raw in files)
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in responses[0].file_descriptor_response.file_descriptor_proto
+    ]
+    health_file = next(file for file in files if file.package == "grpc.health.v1")
+    assert [service.name for service in health_file.service] == ["Health"]
+    assert {"Check", "Watch"} <= {method.name for method in health_file.service[0].method}
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -522,10 +548,11 @@ async def test_stop_turns_health_not_serving_then_closes_port(
     await running.set_serving()
     stopped: list[str] = []
 
-    async def on_stop() -> None:
-        stopped.append("callback")
+    async def close_store() -> None:
+        stopped.append("async")
 
-    running.on_stop(on_stop)
+    running.on_stop(lambda: stopped.append("sync first registered"))
+    running.on_stop(close_store)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(
             health_pb2.HealthCheckRequest(service=""), timeout=10
@@ -538,7 +565,7 @@ async def test_stop_turns_health_not_serving_then_closes_port(
         assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
         await asyncio.wait_for(stopping, timeout=5)
 
-    assert stopped == ["callback"]
+    assert stopped == ["async", "sync first registered"]
     assert not port_is_open(running.port)
     await running.stop(grace=0)  # idempotent
 

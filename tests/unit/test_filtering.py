@@ -11,7 +11,6 @@ from services.catalog.domain import (
     ModelFormat,
     ModelMetadata,
     ModelSource,
-    ModelState,
     ModelType,
     SourceKind,
 )
@@ -94,7 +93,10 @@ def test_empty_filter_has_no_terms() -> None:
             FilterTerm("labels", FilterOp.EQ, 'say "hi" \\ * ok', label_key="note"),
         ),
         ('family=""', FilterTerm("family", FilterOp.EQ, "")),
-        ("labels.k=hf:org/repo+x", FilterTerm("labels", FilterOp.EQ, "hf:org/repo+x", label_key="k")),
+        (
+            "labels.k=hf:org/repo+x",
+            FilterTerm("labels", FilterOp.EQ, "hf:org/repo+x", label_key="k"),
+        ),
     ],
 )
 def test_every_field_parses(text: str, term: FilterTerm) -> None:
@@ -127,7 +129,10 @@ def test_conjunctions_and_normalisation() -> None:
         ("format<gguf", ["unexpected character '<' at position 6", "'=' and '!='"]),
         ("(format=gguf)", ["unexpected character '(' at position 0", "parentheses"]),
         ("format=gguf;", ["unexpected character ';' at position 11"]),
-        ("format=onnx", ["'onnx' is not a valid value", "allowed values: gguf, safetensors, diffusers"]),
+        (
+            "format=onnx",
+            ["'onnx' is not a valid value", "allowed values: gguf, safetensors, diffusers"],
+        ),
         ("state=broken", ["allowed values: downloading, ready, failed"]),
         ("model_type=chat", ["allowed values: llm, image, lora"]),
         ("source=s3", ["allowed values: huggingface, civitai, url, local"]),

@@ -85,7 +85,9 @@ def test_slugify() -> None:
 
 def test_model_id_from_a_gguf_file_hint_is_readable_and_hashed() -> None:
     source = ModelSource(
-        kind=SourceKind.HUGGINGFACE, repo="TheBloke/Llama-2-7B-GGUF", files=["llama-2-7b.Q4_K_M.gguf"]
+        kind=SourceKind.HUGGINGFACE,
+        repo="TheBloke/Llama-2-7B-GGUF",
+        files=["llama-2-7b.Q4_K_M.gguf"],
     )
     model_id = model_id_for_source(source, "llama-2-7b.Q4_K_M.gguf")
     expected_suffix = hashlib.sha256(source.canonical().encode()).hexdigest()[:8]
@@ -94,7 +96,9 @@ def test_model_id_from_a_gguf_file_hint_is_readable_and_hashed() -> None:
 
 
 def test_model_id_defaults_to_a_name_from_the_source() -> None:
-    hf_file = ModelSource(kind=SourceKind.HUGGINGFACE, repo="org/repo", files=["sub/Tiny-Llama.Q8_0.gguf"])
+    hf_file = ModelSource(
+        kind=SourceKind.HUGGINGFACE, repo="org/repo", files=["sub/Tiny-Llama.Q8_0.gguf"]
+    )
     hf_repo = ModelSource(kind=SourceKind.HUGGINGFACE, repo="stabilityai/SDXL-Turbo")
     civitai = ModelSource(kind=SourceKind.CIVITAI, civitai_model_id=1, civitai_version_id=4201)
     url = ModelSource(kind=SourceKind.URL, url="https://h.example/dl/Tiny.safetensors?token=SECRET")

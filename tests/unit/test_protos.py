@@ -24,9 +24,9 @@ from google.protobuf.descriptor import (
 )
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel
+
 from rbee.catalog.v1 import catalog_pb2
 from rbee.common.v1 import device_pb2, errors_pb2, runtime_pb2
-
 from services.catalog import domain
 from services.common import errors
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 from pydantic import SecretStr, ValidationError
 from pydantic_settings import SettingsConfigDict
 
+from services.common.logs import log_settings
 from services.common.settings import (
     REDACTED,
-    HostPort,
     ServiceSettings,
     non_default_settings,
     parse_host_port,
@@ -24,7 +25,8 @@ class ExampleSettings(ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="RBEE_EXAMPLE_")
 
-    listen: HostPort = "127.0.0.1:50099"
+    # Overridden with a plain annotation, as services do: validation must still apply.
+    listen: str = "127.0.0.1:50099"
     hf_token: SecretStr | None = None
     page_size: int = 50
 
@@ -111,9 +113,23 @@ def test_arguments_win_over_environment(monkeypatch: pytest.MonkeyPatch) -> None
     assert ExampleSettings(listen="127.0.0.1:0").listen == "127.0.0.1:0"
 
 
+class MetricsOnByDefaultSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="RBEE_METRICSON_")
+
+    metrics_listen: str | None = "127.0.0.1:9499"
+
+
 def test_empty_metrics_listen_means_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RBEE_EXAMPLE_METRICS_LISTEN", "")
-    assert ExampleSettings().metrics_listen is None
+    assert MetricsOnByDefaultSettings().metrics_listen == "127.0.0.1:9499"
+
+    monkeypatch.setenv("RBEE_METRICSON_METRICS_LISTEN", "")
+    assert MetricsOnByDefaultSettings().metrics_listen is None
+
+
+def test_overridden_address_fields_are_still_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RBEE_METRICSON_METRICS_LISTEN", "nohost")
+    with pytest.raises(ValidationError, match="host:port"):
+        MetricsOnByDefaultSettings()
 
 
 @pytest.mark.parametrize(
@@ -129,7 +145,9 @@ def test_empty_metrics_listen_means_off(monkeypatch: pytest.MonkeyPatch) -> None
         ("RBEE_EXAMPLE_LOG_FORMAT", "xml"),
     ],
 )
-def test_bad_values_are_rejected(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
+def test_bad_values_are_rejected(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
     monkeypatch.setenv(variable, value)
     with pytest.raises(ValidationError):
         ExampleSettings()
@@ -186,3 +204,18 @@ def test_non_default_settings_renders_paths_and_numbers(tmp_path: Path) -> None:
 def test_non_default_settings_skips_values_equal_to_default() -> None:
     settings = ExampleSettings(listen="127.0.0.1:50099", page_size=50)
     assert non_default_settings(settings) == {}
+
+
+def test_log_settings_logs_one_redacted_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("RBEE_EXAMPLE_HF_TOKEN", "hf_SuperSecretValue")
+    monkeypatch.setenv("RBEE_EXAMPLE_PAGE_SIZE", "9")
+    logger = logging.getLogger("rbee.test.settings")
+
+    with caplog.at_level(logging.INFO, logger="rbee.test.settings"):
+        log_settings(logger, ExampleSettings())
+
+    assert [record.getMessage() for record in caplog.records] == [
+        f"ExampleSettings: hf_token={REDACTED}, page_size=9"
+    ]

@@ -28,7 +28,7 @@ def unpack_details(status: status_pb2.Status) -> dict[str, message.Message]:
     for detail in status.details:
         assert isinstance(detail, any_pb2.Any)
         for name, cls in types.items():
-            if detail.Is(cls.DESCRIPTOR):
+            if detail.TypeName() == cls.DESCRIPTOR.full_name:
                 target = cls()
                 assert detail.Unpack(target)
                 assert name not in unpacked, f"{name} twice"
@@ -79,7 +79,8 @@ def test_every_status_kind_has_a_grpc_code() -> None:
     for kind in errors.StatusKind:
         error = errors.RbeeError("x")
         error.kind = kind
-        assert status_from_error(error, request_id=REQUEST_ID).code == code_pb2.Code.Value(kind.name)
+        status = status_from_error(error, request_id=REQUEST_ID)
+        assert status.code == code_pb2.Code.Value(kind.name)
 
 
 def test_error_info_carries_reason_and_metadata_plus_request_id() -> None:
@@ -164,9 +165,7 @@ def test_failed_precondition_has_violations() -> None:
         violations=[PreconditionViolation("STATE", "models/tiny", "state is DOWNLOADING")],
     )
 
-    failure = unpack_details(status_from_error(error, request_id=REQUEST_ID))[
-        "PreconditionFailure"
-    ]
+    failure = unpack_details(status_from_error(error, request_id=REQUEST_ID))["PreconditionFailure"]
 
     assert isinstance(failure, error_details_pb2.PreconditionFailure)
     assert [(v.type, v.subject, v.description) for v in failure.violations] == [

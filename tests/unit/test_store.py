@@ -106,7 +106,11 @@ def _full_model() -> Model:
         tensor_count=291,
         split=SplitInfo(index=1, count=2, files_found=2, tensors_total=291),
         weights=WeightsBreakdown(
-            total_bytes=4_000_000, input_bytes=10, output_bytes=20, other_bytes=30, layer_bytes=[1, 2]
+            total_bytes=4_000_000,
+            input_bytes=10,
+            output_bytes=20,
+            other_bytes=30,
+            layer_bytes=[1, 2],
         ),
         size_bytes=4_081_004_224,
         hints={"modelspec.title": "Llama — ünïcode ✓"},
@@ -151,7 +155,9 @@ def store(db_path: Path) -> Iterator[CatalogStore]:
 # --- open, schema, durability settings ----------------------------------------------------
 
 
-def test_open_creates_the_file_with_wal_and_schema_version(store: CatalogStore, db_path: Path) -> None:
+def test_open_creates_the_file_with_wal_and_schema_version(
+    store: CatalogStore, db_path: Path
+) -> None:
     assert db_path.is_file()
     with sqlite3.connect(db_path) as other:
         assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -186,7 +192,9 @@ def test_closed_store_raises_unavailable(store: CatalogStore) -> None:
 def test_a_newer_schema_is_refused(db_path: Path) -> None:
     CatalogStore.open(db_path).close()
     with sqlite3.connect(db_path) as other:
-        other.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION + 1,))
+        other.execute(
+            "UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION + 1,)
+        )
     other.close()
     with pytest.raises(FailedPrecondition, match="newer"):
         CatalogStore.open(db_path)
@@ -246,6 +254,17 @@ def test_create_with_an_invalid_id_is_refused(store: CatalogStore) -> None:
         store.create_model(_model("m-1").model_copy(update={"id": "../etc"}))
     assert caught.value.reason == "INVALID_NAME"
     assert caught.value.field_violations[0].field == "model_id"
+
+
+def test_create_models_is_one_all_or_nothing_transaction(store: CatalogStore) -> None:
+    created = store.create_models([_model("m-1", labels={"k": "v"}), _model("m-2")])
+    assert [m.id for m in created] == ["m-1", "m-2"]
+    assert store.get_model("m-1") == created[0]
+    assert store.count_models(parse_model_filter("labels.k=v")) == 1
+    with pytest.raises(AlreadyExists):
+        store.create_models([_model("m-3"), _model("m-1")])
+    # The batch failed as a whole: m-3 was not kept.
+    assert store.count_models() == 2
 
 
 def test_get_missing_is_not_found(store: CatalogStore) -> None:
@@ -371,7 +390,10 @@ def _catalog(store: CatalogStore) -> list[Model]:
                 quantization=quantizations[index % 3],
                 state=states[index % 3],
                 kind=kinds[index % 4],
-                labels={"team": ["ml", "ops"][index % 2], **({"tier": "gold"} if index % 7 == 0 else {})},
+                labels={
+                    "team": ["ml", "ops"][index % 2],
+                    **({"tier": "gold"} if index % 7 == 0 else {}),
+                },
             )
         )
     return [store.create_model(model) for model in models]
@@ -386,7 +408,10 @@ def _meta(model: Model) -> ModelMetadata:
 _FILTER_CASES: list[tuple[str, Callable[[Model], bool]]] = [
     ("format=gguf", lambda m: m.metadata is not None and _meta(m).format is ModelFormat.GGUF),
     ("format!=gguf", lambda m: m.metadata is None or _meta(m).format is not ModelFormat.GGUF),
-    ("model_type=image", lambda m: m.metadata is not None and _meta(m).model_type is ModelType.IMAGE),
+    (
+        "model_type=image",
+        lambda m: m.metadata is not None and _meta(m).model_type is ModelType.IMAGE,
+    ),
     ("architecture=qwen2", lambda m: m.metadata is not None and _meta(m).architecture == "Qwen2"),
     ("architecture!=LLAMA", lambda m: m.metadata is None or _meta(m).architecture != "llama"),
     ("family=sd1", lambda m: m.metadata is not None and _meta(m).family == "SD1"),
@@ -406,10 +431,12 @@ _FILTER_CASES: list[tuple[str, Callable[[Model], bool]]] = [
     ('family="x\' OR 1=1 --"', lambda m: False),
     (
         "format=gguf AND state!=downloading AND labels.team=ml",
-        lambda m: m.metadata is not None
-        and _meta(m).format is ModelFormat.GGUF
-        and m.state is not ModelState.DOWNLOADING
-        and m.labels.get("team") == "ml",
+        lambda m: (
+            m.metadata is not None
+            and _meta(m).format is ModelFormat.GGUF
+            and m.state is not ModelState.DOWNLOADING
+            and m.labels.get("team") == "ml"
+        ),
     ),
 ]
 
@@ -430,7 +457,10 @@ def test_every_filter_field_selects_the_right_models(
 
 
 def _collect(
-    store: CatalogStore, flt: ModelFilter, page_size: int, between: Callable[[int], None] = lambda _: None
+    store: CatalogStore,
+    flt: ModelFilter,
+    page_size: int,
+    between: Callable[[int], None] = lambda _: None,
 ) -> list[str]:
     seen: list[str] = []
     token = ""
@@ -447,7 +477,9 @@ def _collect(
 
 @pytest.mark.parametrize("page_size", [1, 7, 20, 59, 60, 61])
 @pytest.mark.parametrize("text", ["", "format=gguf", "labels.team=ml AND state!=failed"])
-def test_pages_cover_everything_once_in_order(store: CatalogStore, page_size: int, text: str) -> None:
+def test_pages_cover_everything_once_in_order(
+    store: CatalogStore, page_size: int, text: str
+) -> None:
     models = _catalog(store)
     flt = parse_model_filter(text)
     expected = sorted(m.id for m in models if flt.matches(m))
@@ -523,21 +555,30 @@ def test_filtered_keyset_queries_walk_an_index_without_sorting(
             ("state=ready", "models_state_id"),
             ("quantization=q4_k_m", "models_quantization_id"),
             ("family=sdxl", "models_family_id"),
+            ("labels.team=ml", "model_labels_key_value"),
+            ("labels.team=ml AND state=failed AND labels.tier!=gold", "model_labels_key_value"),
             ("", "sqlite_autoindex_models_1"),
             ("name=a*", "sqlite_autoindex_models_1"),
+            ("state!=ready", "sqlite_autoindex_models_1"),
         ]:
-            conditions, params = model_filter_to_sql(parse_model_filter(text))
-            conditions.append("m.id > ?")
+            query = model_filter_to_sql(parse_model_filter(text))
+            conditions = [*query.conditions, f"{query.key} > ?"]
             sql = (
-                "EXPLAIN QUERY PLAN SELECT m.data FROM models AS m WHERE "
+                f"EXPLAIN QUERY PLAN SELECT m.data FROM {query.source} WHERE "
                 + " AND ".join(conditions)
-                + " ORDER BY m.id LIMIT 101"
+                + f" ORDER BY {query.key} LIMIT 101"
             )
-            plan = " | ".join(row[3] for row in other.execute(sql, (*params, "a")))
+            plan = " | ".join(row[3] for row in other.execute(sql, (*query.params, "a")))
             assert index in plan, (text, plan)
             assert "TEMP B-TREE" not in plan, (text, plan)
+            # Filter values are parameters, never SQL text.
+            for param in query.params:
+                assert f"'{param}'" not in query.source + " ".join(query.conditions)
         get_plan = " ".join(
-            row[3] for row in other.execute("EXPLAIN QUERY PLAN SELECT data FROM models WHERE id = ?", ("x",))
+            row[3]
+            for row in other.execute(
+                "EXPLAIN QUERY PLAN SELECT data FROM models WHERE id = ?", ("x",)
+            )
         )
         assert "USING INDEX sqlite_autoindex_models_1 (id=?)" in get_plan
     other.close()

@@ -114,11 +114,15 @@ class CatalogClient:
             if not all_pages or not token:
                 return models, resp.total_size
 
-    def create_model(self, draft: ModelDraft, *, model_id: str = "", validate_only: bool = False) -> Model:
+    def create_model(
+        self, draft: ModelDraft, *, model_id: str = "", validate_only: bool = False
+    ) -> Model:
         msg = self._call(
             self._stub.CreateModel,
             pb.CreateModelRequest(
-                model_id=model_id, model=convert.model_draft_to_pb(draft), validate_only=validate_only
+                model_id=model_id,
+                model=convert.model_draft_to_pb(draft),
+                validate_only=validate_only,
             ),
         )
         return convert.model_from_pb(msg)

@@ -110,7 +110,9 @@ _BY_CODE: dict[grpc.StatusCode, type[RbeeClientError]] = {
 }
 
 
-def error_from_status(code: grpc.StatusCode, status: status_pb2.Status | None, message: str) -> RbeeClientError:
+def error_from_status(
+    code: grpc.StatusCode, status: status_pb2.Status | None, message: str
+) -> RbeeClientError:
     """Build the typed exception for a status code and its rich details (if any)."""
     cls = _BY_CODE.get(code, RbeeClientError)
     err = cls(message=message or code.name, code=code.name)

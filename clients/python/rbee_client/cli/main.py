@@ -21,6 +21,7 @@ from rbee_client.cli.output import (
     human_count,
     print_fields,
     print_json,
+    print_reasons,
     print_table,
     stderr_console,
 )
@@ -69,7 +70,9 @@ INSPECT_KEYS = (
 class CliError(Exception):
     """A failure to report as one line (with an optional hint) and an exit code."""
 
-    def __init__(self, message: str, *, hint: str = "", code: int = EXIT_FAILED, reason: str = "") -> None:
+    def __init__(
+        self, message: str, *, hint: str = "", code: int = EXIT_FAILED, reason: str = ""
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
@@ -128,7 +131,10 @@ def cmd_models_inspect(args: argparse.Namespace) -> int:
     print_fields(fields)
     print_table(
         ("worker type", "verdict", "reasons"),
-        [(r["worker_type"], r["verdict"], "; ".join(r["reasons"])) for r in report["compatibility"]],
+        [
+            (r["worker_type"], r["verdict"], "; ".join(r["reasons"]))
+            for r in report["compatibility"]
+        ],
         title="compatibility",
     )
     return EXIT_OK
@@ -167,7 +173,9 @@ def _model_row(m: Any) -> tuple[Any, ...]:
 
 def cmd_models_ls(args: argparse.Namespace) -> int:
     with _catalog(args) as client:
-        models, total = client.list_models(filter=args.filter, page_size=args.page_size, all_pages=True)
+        models, total = client.list_models(
+            filter=args.filter, page_size=args.page_size, all_pages=True
+        )
     if args.format == "json":
         print_json({"models": [m.model_dump(mode="json") for m in models], "total_size": total})
         return EXIT_OK
@@ -208,7 +216,9 @@ def cmd_models_show(args: argparse.Namespace) -> int:
 def cmd_models_add(args: argparse.Namespace) -> int:
     path = Path(args.path).expanduser().resolve()
     with _catalog(args) as client:
-        model = client.register_local(str(path), model_id=args.id or "", display_name=args.name or "")
+        model = client.register_local(
+            str(path), model_id=args.id or "", display_name=args.name or ""
+        )
     if args.format == "json":
         print_json(model.model_dump(mode="json"))
     else:
@@ -289,21 +299,24 @@ def cmd_compat(args: argparse.Namespace) -> int:
         print_json({"context_length": ctx, "results": [r.model_dump(mode="json") for r in results]})
         return EXIT_OK
     print_table(
-        ("WORKER TYPE", "VERDICT", "WEIGHTS", "KV CACHE", "RAM", "VRAM", "REASONS"),
+        ("WORKER TYPE", "VERDICT", "WEIGHTS", "KV CACHE", "RAM", "VRAM", "GPU LAYERS"),
         [
             (
-                r.worker_type.removeprefix("worker-types/"),
+                r.worker_type,
                 r.verdict.value,
                 human_bytes(r.memory.weights_bytes) if r.memory else "",
                 human_bytes(r.memory.kv_cache_bytes) if r.memory else "",
                 human_bytes(r.memory.ram_bytes) if r.memory else "",
                 human_bytes(r.memory.vram_bytes) if r.memory else "",
-                "; ".join(r.reasons),
+                f"{r.memory.gpu_layers}/{r.memory.total_layers}"
+                if r.memory and r.memory.total_layers
+                else "",
             )
             for r in results
         ],
-        title=f"context {ctx}" if ctx else "",
+        title=f"context {ctx} tokens" if ctx else "",
     )
+    print_reasons([(r.worker_type, r.reasons) for r in results])
     return EXIT_OK
 
 
@@ -318,7 +331,13 @@ def cmd_worker_types(args: argparse.Namespace) -> int:
     with _catalog(args) as client:
         types = client.list_worker_types()
     if args.format == "json":
-        print_json({"worker_types": [{**wt.model_dump(mode="json"), "supported_on_host": on} for wt, on in types]})
+        print_json(
+            {
+                "worker_types": [
+                    {**wt.model_dump(mode="json"), "supported_on_host": on} for wt, on in types
+                ]
+            }
+        )
         return EXIT_OK
     print_table(
         ("ID", "BACKEND", "DEVICE", "FORMATS", "PLATFORMS", "THIS HOST"),
@@ -350,7 +369,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _size(text: str) -> int:
     """Parse 24GiB, 512MiB, 16GB, 1e9 into bytes."""
-    units = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4, "kb": 1000, "mb": 10**6, "gb": 10**9, "tb": 10**12, "b": 1}
+    units = {
+        "kib": 1024,
+        "mib": 1024**2,
+        "gib": 1024**3,
+        "tib": 1024**4,
+        "kb": 1000,
+        "mb": 10**6,
+        "gb": 10**9,
+        "tb": 10**12,
+        "b": 1,
+    }
     lowered = text.strip().lower()
     for suffix, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
         if lowered.endswith(suffix):
@@ -366,7 +395,9 @@ def _size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--format", choices=("human", "json"), default="human", help="output format")
+    common.add_argument(
+        "--format", choices=("human", "json"), default="human", help="output format"
+    )
     common.add_argument(
         "--catalog",
         default=os.environ.get("RBEE_CATALOG_ADDR", DEFAULT_CATALOG),
@@ -374,11 +405,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds")
 
-    parser = argparse.ArgumentParser(prog="rbee", description="rbee mesh: local AI models, one host or a fleet")
+    parser = argparse.ArgumentParser(
+        prog="rbee", description="rbee mesh: local AI models, one host or a fleet"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    models = sub.add_parser("models", help="models in the catalog").add_subparsers(dest="models_cmd", required=True)
-    p = models.add_parser("inspect", parents=[common], help="parse a model file or folder (no service needed)")
+    models = sub.add_parser("models", help="models in the catalog").add_subparsers(
+        dest="models_cmd", required=True
+    )
+    p = models.add_parser(
+        "inspect", parents=[common], help="parse a model file or folder (no service needed)"
+    )
     p.add_argument("path")
     p.add_argument("--ctx", type=int, default=None, help="context length for the memory numbers")
     p.set_defaults(func=cmd_models_inspect)
@@ -399,19 +436,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="even when a worker uses it")
     p.set_defaults(func=cmd_models_rm)
 
-    p = sub.add_parser("compat", parents=[common], help="which worker types can run a model, and whether it fits")
+    p = sub.add_parser(
+        "compat", parents=[common], help="which worker types can run a model, and whether it fits"
+    )
     p.add_argument("model", nargs="?", help="models/ID or ID")
     p.add_argument("--matrix", action="store_true", help="every model x every worker type")
     p.add_argument("--worker-type", action="append", help="limit to these worker types")
-    p.add_argument("--device", choices=("cpu", "cuda", "metal"), help="evaluate the fit on this device kind")
+    p.add_argument(
+        "--device", choices=("cpu", "cuda", "metal"), help="evaluate the fit on this device kind"
+    )
     p.add_argument("--ram", type=_size, default=None, help="free RAM, e.g. 32GiB")
     p.add_argument("--vram", type=_size, default=None, help="free VRAM, e.g. 24GiB")
-    p.add_argument("--ctx", type=int, default=None, help="context length (default: min(model, 8192))")
+    p.add_argument(
+        "--ctx", type=int, default=None, help="context length (default: min(model, 8192))"
+    )
     p.add_argument("--kv-type", default="f16", help="KV cache type: f16, q8_0, q4_0, ...")
     p.set_defaults(func=cmd_compat)
 
-    workers = sub.add_parser("workers", help="workers and worker types").add_subparsers(dest="workers_cmd", required=True)
-    p = workers.add_parser("types", parents=[common], help="the worker types and whether this host runs them")
+    workers = sub.add_parser("workers", help="workers and worker types").add_subparsers(
+        dest="workers_cmd", required=True
+    )
+    p = workers.add_parser(
+        "types", parents=[common], help="the worker types and whether this host runs them"
+    )
     p.set_defaults(func=cmd_worker_types)
 
     p = sub.add_parser("serve", help="run a service in the foreground")
@@ -426,7 +473,16 @@ def _report_error(args: argparse.Namespace | None, err: CliError) -> int:
         line += f" (hint: {err.hint})"
     stderr_console().print(line, markup=False, highlight=False)
     if args is not None and getattr(args, "format", "human") == "json":
-        print_json({"error": {"message": err.message, "reason": err.reason, "hint": err.hint, "exit_code": err.code}})
+        print_json(
+            {
+                "error": {
+                    "message": err.message,
+                    "reason": err.reason,
+                    "hint": err.hint,
+                    "exit_code": err.code,
+                }
+            }
+        )
     return err.code
 
 
@@ -445,7 +501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args,
             CliError(
                 str(exc),
-                hint=f"is the service running? start it with `rbee serve catalog` (address {getattr(args, 'catalog', '')})",
+                hint="is the service running? start it with `rbee serve catalog` "
+                f"(address {getattr(args, 'catalog', '')})",
                 code=EXIT_UNREACHABLE,
                 reason=exc.reason,
             ),
@@ -461,7 +518,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("RBEE_DEBUG") == "1":
             traceback.print_exc()
         return _report_error(
-            args, CliError(f"unexpected error: {type(exc).__name__}", hint="rerun with RBEE_DEBUG=1 for details")
+            args,
+            CliError(
+                f"unexpected error: {type(exc).__name__}",
+                hint="rerun with RBEE_DEBUG=1 for details",
+            ),
         )
 
 

@@ -16,8 +16,15 @@ def _color_allowed() -> bool:
     return "NO_COLOR" not in os.environ
 
 
+# Off a terminal (pipes, logs, CI) rich would assume 80 columns and wrap every table cell.
+PIPE_WIDTH = 200
+
+
 def stdout_console() -> Console:
-    return Console(file=sys.stdout, no_color=not _color_allowed(), highlight=False, soft_wrap=True)
+    width = None if sys.stdout.isatty() else PIPE_WIDTH
+    return Console(
+        file=sys.stdout, no_color=not _color_allowed(), highlight=False, soft_wrap=True, width=width
+    )
 
 
 def stderr_console() -> Console:
@@ -43,13 +50,23 @@ def print_fields(fields: Mapping[str, Any]) -> None:
     width = max((len(k) for k in fields), default=0)
     console = stdout_console()
     for key, value in fields.items():
-        if value is None or value == "" or value == [] or value == {}:
+        if value is None or value in ("", [], {}):
             continue
         if isinstance(value, list):
-            value = ", ".join(str(v) for v in value)
+            shown = ", ".join(str(v) for v in value)
         elif isinstance(value, dict):
-            value = ", ".join(f"{k}={v}" for k, v in value.items())
-        console.print(f"[bold]{key.ljust(width)}[/bold]  {value}", markup=True)
+            shown = ", ".join(f"{k}={v}" for k, v in value.items())
+        else:
+            shown = str(value)
+        console.print(f"[bold]{key.ljust(width)}[/bold]  {shown}", markup=True)
+
+
+def print_reasons(rows: Sequence[tuple[str, Sequence[str]]]) -> None:
+    """Each subject's reasons as indented lines (too long for a table cell)."""
+    console = stdout_console()
+    for subject, reasons in rows:
+        for reason in reasons:
+            console.print(f"  {subject}: {reason}", markup=False)
 
 
 def human_bytes(n: int | None) -> str:

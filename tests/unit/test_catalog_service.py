@@ -1,0 +1,174 @@
+"""CatalogService (the domain API) over a real store in a temp dir: no sockets."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from services.catalog.domain import DeviceKind, ModelSource, ModelState, SourceKind
+from services.catalog.inspect import InspectError
+from services.catalog.service import CatalogService, HostInfo, ModelDraft, ModelPatch
+from services.catalog.store import CatalogStore
+from services.catalog.worker_types import WorkerTypeRegistry, detect_device_kinds
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from tests.fixtures.gguf_models import write_tiny_llama_gguf, write_truncated_gguf
+
+pytestmark = pytest.mark.unit
+
+CPU_ONLY_LINUX = HostInfo("linux", "x86_64", frozenset({DeviceKind.CPU}))
+
+
+def _local(path: Path, **kw: object) -> ModelDraft:
+    return ModelDraft(source=ModelSource(kind=SourceKind.LOCAL), paths=(str(path),), **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> AsyncIterator[CatalogService]:
+    in_use: dict[str, list[str]] = {}
+    svc = CatalogService(
+        CatalogStore.open(tmp_path / "db" / "catalog.db"),
+        WorkerTypeRegistry(),
+        host=CPU_ONLY_LINUX,
+        in_use=lambda name: in_use.get(name, []),
+    )
+    svc.in_use_table = in_use  # type: ignore[attr-defined]
+    yield svc
+    await svc.close()
+
+
+async def test_supported_on_host_needs_the_device_kind(service: CatalogService) -> None:
+    supported = {wt.id: service.supported_on_host(wt) for wt in await service.list_worker_types("")}
+    assert supported == {
+        "cpu-llm": True,
+        "cpu-sd": True,
+        "cuda-llm": False,  # linux/x86_64 is a cuda platform, but this host has no NVIDIA driver
+        "cuda-sd": False,
+        "metal-llm": False,
+        "metal-sd": False,
+    }
+    assert [wt.id for wt in await service.list_worker_types("supported_on_host=true")] == [
+        "cpu-llm",
+        "cpu-sd",
+    ]
+    with pytest.raises(InvalidArgument) as info:
+        await service.list_worker_types("supported_on_host=maybe")
+    assert info.value.reason == "INVALID_FILTER"
+
+
+def test_detect_device_kinds_always_has_cpu_and_metal_only_on_apple_silicon() -> None:
+    assert DeviceKind.CPU in detect_device_kinds("Linux", "x86_64")
+    assert DeviceKind.METAL not in detect_device_kinds("Linux", "aarch64")
+    assert DeviceKind.METAL in detect_device_kinds("Darwin", "arm64")
+
+
+@pytest.mark.parametrize(
+    ("draft", "field"),
+    [
+        (
+            ModelDraft(source=ModelSource(kind=SourceKind.LOCAL), paths=("relative.gguf",)),
+            "model.paths[0]",
+        ),
+        (
+            ModelDraft(source=ModelSource(kind=SourceKind.LOCAL), paths=("/a\x00b",)),
+            "model.paths[0]",
+        ),
+        (ModelDraft(source=ModelSource(kind=SourceKind.HUGGINGFACE)), "model.source.repo"),
+        (
+            ModelDraft(source=ModelSource(kind=SourceKind.CIVITAI)),
+            "model.source.civitai_version_id",
+        ),
+        (ModelDraft(source=ModelSource(kind=SourceKind.URL, url="ftp://x")), "model.source.url"),
+        (
+            ModelDraft(source=ModelSource(kind=SourceKind.URL, url="https://x/m"), sha256="xyz"),
+            "model.sha256",
+        ),
+        (
+            ModelDraft(
+                source=ModelSource(kind=SourceKind.URL, url="https://x/m"), labels={"bad key": "v"}
+            ),
+            "model.labels",
+        ),
+        (
+            ModelDraft(
+                source=ModelSource(kind=SourceKind.URL, url="https://x/m"), state=ModelState.READY
+            ),
+            "model.paths",
+        ),
+    ],
+)
+async def test_bad_drafts_name_the_field(
+    service: CatalogService, draft: ModelDraft, field: str
+) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        await service.create_model(draft)
+    assert info.value.field_violations[0].field == field
+    assert (await service.list_models(filter_text="", page_size=0, page_token=""))[2] == 0
+
+
+async def test_bad_model_id_is_refused(service: CatalogService, tmp_path: Path) -> None:
+    path = write_tiny_llama_gguf(tmp_path / "m.gguf")
+    for bad in ("Upper", "../x", "-lead", "a" * 64, "a/b"):
+        with pytest.raises(InvalidArgument) as info:
+            await service.create_model(_local(path), model_id=bad)
+        assert info.value.reason == "INVALID_NAME"
+
+
+async def test_validate_only_inspects_but_stores_nothing(
+    service: CatalogService, tmp_path: Path
+) -> None:
+    path = write_tiny_llama_gguf(tmp_path / "m.gguf")
+    model = await service.create_model(_local(path), validate_only=True)
+    assert model.state is ModelState.READY and model.metadata is not None
+    with pytest.raises(NotFound):
+        await service.get_model(model.name)
+    with pytest.raises(InspectError):
+        await service.create_model(
+            _local(write_truncated_gguf(tmp_path / "t.gguf")), validate_only=True
+        )
+
+
+async def test_downloading_model_without_paths_then_ready(
+    service: CatalogService, tmp_path: Path
+) -> None:
+    draft = ModelDraft(
+        source=ModelSource(kind=SourceKind.HUGGINGFACE, repo="org/repo", files=["m.gguf"])
+    )
+    model = await service.create_model(draft)
+    assert model.state is ModelState.DOWNLOADING and model.metadata is None
+    path = write_tiny_llama_gguf(tmp_path / "m.gguf")
+    ready = await service.update_model(
+        model.name,
+        ModelPatch(
+            fields=frozenset({"paths", "state"}),
+            values=ModelDraft(source=draft.source, paths=(str(path),), state=ModelState.READY),
+        ),
+    )
+    assert ready.state is ModelState.READY and ready.metadata is not None
+    assert ready.size_bytes == path.stat().st_size
+
+
+async def test_model_in_use_needs_force(service: CatalogService, tmp_path: Path) -> None:
+    model = await service.create_model(_local(write_tiny_llama_gguf(tmp_path / "m.gguf")))
+    service.in_use_table[model.name] = ["workers/cpu-0"]  # type: ignore[attr-defined]
+    with pytest.raises(FailedPrecondition) as info:
+        await service.delete_model(model.name)
+    assert info.value.reason == "MODEL_IN_USE" and "workers/cpu-0" in info.value.message
+    deleted = await service.delete_model(model.name, force=True)
+    assert deleted is not None and deleted.id == model.id
+
+
+async def test_inspect_model_refreshes_and_fails_on_a_damaged_file(
+    service: CatalogService, tmp_path: Path
+) -> None:
+    path = write_tiny_llama_gguf(tmp_path / "m.gguf")
+    model = await service.create_model(_local(path))
+    refreshed = await service.inspect_model(model.name)
+    assert refreshed.metadata == model.metadata and refreshed.etag != model.etag
+    path.write_bytes(path.read_bytes()[:100])  # the file got damaged on disk
+    with pytest.raises(InspectError):
+        await service.inspect_model(model.name)
+    failed = await service.get_model(model.name)
+    assert failed.state is ModelState.FAILED and failed.metadata is None
+    assert failed.state_message
