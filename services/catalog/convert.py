@@ -125,9 +125,9 @@ def _enum_from_pb(table: dict[int, E], value: int, field: str, *, default: E | N
 
 
 def timestamp_to_pb(moment: datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(moment.astimezone(UTC))
-    return ts
+    # Built from seconds and nanos: Timestamp.FromDatetime costs ~8 us, a lot per list page.
+    whole = int(moment.timestamp())
+    return Timestamp(seconds=whole, nanos=moment.microsecond * 1000)
 
 
 def timestamp_from_pb(ts: Timestamp) -> datetime:
@@ -138,21 +138,18 @@ def timestamp_from_pb(ts: Timestamp) -> datetime:
 
 
 def source_to_pb(source: ModelSource) -> pb.ModelSource:
-    msg = pb.ModelSource(
+    return pb.ModelSource(
         kind=SOURCE_KIND_TO_PB[source.kind],
         repo=source.repo or "",
         revision=source.revision or "",
         commit=source.commit or "",
-        files=list(source.files),
+        files=source.files,
         base_model=source.base_model or "",
         url=source.url or "",
         path=source.path or "",
+        civitai_model_id=source.civitai_model_id,
+        civitai_version_id=source.civitai_version_id,
     )
-    if source.civitai_model_id is not None:
-        msg.civitai_model_id = source.civitai_model_id
-    if source.civitai_version_id is not None:
-        msg.civitai_version_id = source.civitai_version_id
-    return msg
 
 
 def source_from_pb(msg: pb.ModelSource) -> ModelSource:
@@ -198,35 +195,39 @@ _OPTIONAL_METADATA_FIELDS = (
 
 
 def metadata_to_pb(md: ModelMetadata) -> pb.ModelMetadata:
+    # One constructor call with keyword arguments: several times faster than setting the
+    # fields one by one, and ListModels converts a hundred of these per page.
+    values: dict[str, Any] = {
+        field: value
+        for field in _OPTIONAL_METADATA_FIELDS
+        if (value := getattr(md, field)) is not None
+    }
+    if md.split is not None:
+        values["split"] = pb.SplitInfo(
+            index=md.split.index,
+            count=md.split.count,
+            files_found=md.split.files_found,
+            tensors_total=md.split.tensors_total,
+        )
+    if md.weights is not None:
+        values["weights"] = pb.WeightsBreakdown(
+            total_bytes=md.weights.total_bytes,
+            input_bytes=md.weights.input_bytes,
+            output_bytes=md.weights.output_bytes,
+            other_bytes=md.weights.other_bytes,
+            layer_bytes=md.weights.layer_bytes,
+        )
     msg = pb.ModelMetadata(
         format=FORMAT_TO_PB[md.format],
         model_type=MODEL_TYPE_TO_PB[md.model_type],
-        needs_components=list(md.needs_components),
-        dtypes=dict(md.dtypes),
+        needs_components=md.needs_components,
         size_bytes=md.size_bytes,
-        hints=dict(md.hints),
-        warnings=list(md.warnings),
+        warnings=md.warnings,
+        **values,
     )
-    for field in _OPTIONAL_METADATA_FIELDS:
-        value = getattr(md, field)
-        if value is not None:
-            setattr(msg, field, value)
-    if md.split is not None:
-        msg.split.index = md.split.index
-        msg.split.count = md.split.count
-        msg.split.files_found = md.split.files_found
-        if md.split.tensors_total is not None:
-            msg.split.tensors_total = md.split.tensors_total
-    if md.weights is not None:
-        msg.weights.CopyFrom(
-            pb.WeightsBreakdown(
-                total_bytes=md.weights.total_bytes,
-                input_bytes=md.weights.input_bytes,
-                output_bytes=md.weights.output_bytes,
-                other_bytes=md.weights.other_bytes,
-                layer_bytes=list(md.weights.layer_bytes),
-            )
-        )
+    # Maps: update() is about twice as fast as passing them to the constructor.
+    msg.dtypes.update(md.dtypes)
+    msg.hints.update(md.hints)
     return msg
 
 
@@ -267,7 +268,7 @@ def metadata_from_pb(msg: pb.ModelMetadata) -> ModelMetadata:
 
 
 def model_to_pb(model: Model) -> pb.Model:
-    msg = pb.Model(
+    return pb.Model(
         name=model.name,
         display_name=model.display_name,
         source=source_to_pb(model.source),
@@ -280,10 +281,8 @@ def model_to_pb(model: Model) -> pb.Model:
         create_time=timestamp_to_pb(model.created_at),
         update_time=timestamp_to_pb(model.updated_at),
         etag=model.etag,
+        metadata=metadata_to_pb(model.metadata) if model.metadata is not None else None,
     )
-    if model.metadata is not None:
-        msg.metadata.CopyFrom(metadata_to_pb(model.metadata))
-    return msg
 
 
 def model_draft_from_pb(msg: pb.Model) -> ModelDraft:

@@ -223,26 +223,8 @@ class CatalogStore:
         Raises InvalidArgument (INVALID_NAME) for a bad id and AlreadyExists
         (MODEL_ALREADY_EXISTS) when the id is taken.
         """
-        validate_id(model.id, field="model_id")
-        now = _utc_now()
-        stored = model.model_copy(
-            update={
-                "created_at": _as_utc(model.created_at),
-                "updated_at": now,
-                "etag": _new_etag(),
-            }
-        )
         with self._write() as connection:
-            if _exists(connection, "models", model.id):
-                raise AlreadyExists(
-                    f"model models/{model.id} already exists",
-                    reason="MODEL_ALREADY_EXISTS",
-                    resource_type="model",
-                    resource_name=f"models/{model.id}",
-                )
-            connection.execute(_INSERT_MODEL, (stored.id, *_model_columns(stored)))
-            _write_model_children(connection, stored)
-        return stored
+            return _insert_model(connection, model, _utc_now())
 
     def create_models(self, models: Iterable[Model]) -> list[Model]:
         """Insert many models in ONE transaction (one fsync): all or none.
@@ -251,28 +233,8 @@ class CatalogStore:
         store it, with the same errors (the first one aborts the whole batch).
         """
         now = _utc_now()
-        stored_models: list[Model] = []
         with self._write() as connection:
-            for model in models:
-                validate_id(model.id, field="model_id")
-                stored = model.model_copy(
-                    update={
-                        "created_at": _as_utc(model.created_at),
-                        "updated_at": now,
-                        "etag": _new_etag(),
-                    }
-                )
-                if _exists(connection, "models", model.id):
-                    raise AlreadyExists(
-                        f"model models/{model.id} already exists",
-                        reason="MODEL_ALREADY_EXISTS",
-                        resource_type="model",
-                        resource_name=f"models/{model.id}",
-                    )
-                connection.execute(_INSERT_MODEL, (stored.id, *_model_columns(stored)))
-                _write_model_children(connection, stored)
-                stored_models.append(stored)
-        return stored_models
+            return [_insert_model(connection, model, now) for model in models]
 
     def get_model(self, model_id: str) -> Model:
         """The model with `model_id`; NotFound (MODEL_NOT_FOUND) when there is none."""
@@ -651,6 +613,24 @@ def _exists(connection: sqlite3.Connection, table: str, row_id: str) -> bool:
     # `table` is one of our own constants, never client input.
     row = connection.execute(f"SELECT 1 FROM {table} WHERE id = ?", (row_id,)).fetchone()
     return row is not None
+
+
+def _insert_model(connection: sqlite3.Connection, model: Model, now: datetime) -> Model:
+    """Validate, stamp and insert one model inside the caller's transaction."""
+    validate_id(model.id, field="model_id")
+    stored = model.model_copy(
+        update={"created_at": _as_utc(model.created_at), "updated_at": now, "etag": _new_etag()}
+    )
+    if _exists(connection, "models", model.id):
+        raise AlreadyExists(
+            f"model models/{model.id} already exists",
+            reason="MODEL_ALREADY_EXISTS",
+            resource_type="model",
+            resource_name=f"models/{model.id}",
+        )
+    connection.execute(_INSERT_MODEL, (stored.id, *_model_columns(stored)))
+    _write_model_children(connection, stored)
+    return stored
 
 
 def _model_columns(model: Model) -> tuple[object, ...]:

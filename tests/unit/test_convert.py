@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
@@ -33,7 +35,7 @@ from services.common.errors import InvalidArgument
 
 pytestmark = pytest.mark.unit
 
-TABLES: list[tuple[type[enum.Enum], dict[object, int]]] = [
+TABLES: list[tuple[type[enum.Enum], Mapping[Any, int]]] = [
     (ModelFormat, convert.FORMAT_TO_PB),
     (ModelType, convert.MODEL_TYPE_TO_PB),
     (SourceKind, convert.SOURCE_KIND_TO_PB),
@@ -47,7 +49,7 @@ TABLES: list[tuple[type[enum.Enum], dict[object, int]]] = [
 
 @pytest.mark.parametrize(("domain_enum", "table"), TABLES, ids=lambda x: getattr(x, "__name__", ""))
 def test_every_domain_value_maps_to_a_distinct_nonzero_wire_value(
-    domain_enum: type[enum.Enum], table: dict[object, int]
+    domain_enum: type[enum.Enum], table: Mapping[Any, int]
 ) -> None:
     assert set(table) == set(domain_enum)
     values = list(table.values())
