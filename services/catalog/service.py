@@ -136,6 +136,7 @@ class CatalogService:
         self._inspect = inspector
         self._in_use = in_use
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalog-db")
+        self._counts = _CountCache()  # touched only on the db thread
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="catalog-inspect")
 
     async def close(self) -> None:
@@ -147,6 +148,17 @@ class CatalogService:
 
     async def _run_db(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._db, fn)
+
+    async def _write_db(self, fn: Callable[[], T]) -> T:
+        """A model write on the db thread; cached list counts are stale after it."""
+
+        def run() -> T:
+            try:
+                return fn()
+            finally:
+                self._counts.invalidate()
+
+        return await self._run_db(run)
 
     async def _run_io(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._io, fn)
@@ -164,7 +176,11 @@ class CatalogService:
 
         def run() -> tuple[list[Model], str, int]:
             models, token = self._store.list_models(flt, page_size=page_size, page_token=page_token)
-            return models, token, self._store.count_models(flt)
+            key = flt.normalized()
+            total = self._counts.get(key)
+            if total is None:
+                total = self._counts.put(key, self._store.count_models(flt))
+            return models, token, total
 
         return await self._run_db(run)
 
@@ -201,7 +217,7 @@ class CatalogService:
             model = await self._with_inspection(model, raise_on_failure=True)
         if validate_only:
             return model
-        created = await self._run_db(lambda: self._store.create_model(model))
+        created = await self._write_db(lambda: self._store.create_model(model))
         logger.info("created %s (%s, %s)", created.name, created.state.value, created.source.kind)
         return created
 
@@ -264,7 +280,7 @@ class CatalogService:
         if patch.fields & {"paths", "source"}:
             await self._run_db(lambda: self._check_unique_update(updated))
         expected = patch.etag or current.etag
-        stored = await self._run_db(
+        stored = await self._write_db(
             lambda: self._store.update_model(updated, expected_etag=expected)
         )
         _raise_if_inspection_failed(stored, needs_inspection)
@@ -320,7 +336,7 @@ class CatalogService:
                 )
             return self._store.delete_model(model_id)
 
-        deleted = await self._run_db(run)
+        deleted = await self._write_db(run)
         if deleted is not None:
             logger.info("deleted %s", deleted.name)
         return deleted
@@ -336,7 +352,7 @@ class CatalogService:
         refreshed = await self._with_inspection(
             current.model_copy(update={"state": ModelState.READY})
         )
-        stored = await self._run_db(
+        stored = await self._write_db(
             lambda: self._store.update_model(refreshed, expected_etag=current.etag)
         )
         _raise_if_inspection_failed(stored, True)
@@ -520,6 +536,29 @@ class CatalogService:
                 )
             )
         return rows, token, total
+
+
+class _CountCache:
+    """`total_size` per normalised filter. Counting 50,000 matches costs ~10 ms, more than the
+    page itself; the catalog is the single writer, so any model write simply clears this.
+    Used only on the db thread."""
+
+    MAX_ENTRIES = 256
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+
+    def get(self, key: str) -> int | None:
+        return self._counts.get(key)
+
+    def put(self, key: str, count: int) -> int:
+        if len(self._counts) >= self.MAX_ENTRIES:
+            self._counts.clear()
+        self._counts[key] = count
+        return count
+
+    def invalidate(self) -> None:
+        self._counts.clear()
 
 
 def _raise_if_inspection_failed(model: Model, inspected: bool) -> None:

@@ -172,3 +172,24 @@ async def test_inspect_model_refreshes_and_fails_on_a_damaged_file(
     failed = await service.get_model(model.name)
     assert failed.state is ModelState.FAILED and failed.metadata is None
     assert failed.state_message
+
+
+async def test_total_size_follows_every_write(service: CatalogService, tmp_path: Path) -> None:
+    async def total(flt: str = "") -> int:
+        return (await service.list_models(filter_text=flt, page_size=1, page_token=""))[2]
+
+    assert await total() == 0
+    first = await service.create_model(_local(write_tiny_llama_gguf(tmp_path / "a.gguf")))
+    assert await total() == 1 and await total("state=ready") == 1
+    second = await service.create_model(_local(write_tiny_llama_gguf(tmp_path / "b.gguf")))
+    assert await total() == 2 and await total("state=ready") == 2
+    await service.update_model(
+        second.name,
+        ModelPatch(
+            fields=frozenset({"state"}),
+            values=ModelDraft(source=second.source, state=ModelState.DOWNLOADING),
+        ),
+    )
+    assert await total("state=ready") == 1 and await total("state=downloading") == 1
+    await service.delete_model(first.name)
+    assert await total() == 1 and await total("state=ready") == 0

@@ -130,13 +130,11 @@ def cmd_models_inspect(args: argparse.Namespace) -> int:
         fields["kv_cache_bytes_per_token"] = human_bytes(report["kv_cache_bytes_per_token"])
     print_fields(fields)
     print_table(
-        ("worker type", "verdict", "reasons"),
-        [
-            (r["worker_type"], r["verdict"], "; ".join(r["reasons"]))
-            for r in report["compatibility"]
-        ],
+        ("WORKER TYPE", "VERDICT"),
+        [(r["worker_type"], r["verdict"]) for r in report["compatibility"]],
         title="compatibility",
     )
+    print_reasons([(r["worker_type"], r["reasons"]) for r in report["compatibility"]])
     return EXIT_OK
 
 
