@@ -19,7 +19,12 @@ from services.catalog.worker_types import (
     host_platform,
 )
 from services.common.logs import configure_logging, log_settings
-from services.common.server import ServiceBinding, serve_until_signal, start_server
+from services.common.server import (
+    ServiceBinding,
+    prepare_heap_for_serving,
+    serve_until_signal,
+    start_server,
+)
 
 logger = logging.getLogger("services.catalog")
 
@@ -47,6 +52,7 @@ async def run(settings: CatalogSettings) -> None:
         metrics_listen=settings.metrics_listen,
     )
     running.on_stop(service.close)
+    prepare_heap_for_serving()
     await running.set_serving()
     logger.info(
         "catalog serving on port %d (metrics port %s, database %s, python %s)",

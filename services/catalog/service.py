@@ -167,7 +167,9 @@ class CatalogService:
 
     async def get_model(self, name: str) -> Model:
         model_id = parse_resource_name(name, "models")
-        return await self._run_db(lambda: self._store.get_model(model_id))
+        # A primary-key read (~50 us) on the store's read-only connection, which never waits
+        # for a write: served right here, without the thread hop (a third of GetModel's time).
+        return self._store.get_model(model_id)
 
     async def list_models(
         self, *, filter_text: str, page_size: int, page_token: str
@@ -217,7 +219,14 @@ class CatalogService:
             model = await self._with_inspection(model, raise_on_failure=True)
         if validate_only:
             return model
-        created = await self._write_db(lambda: self._store.create_model(model))
+
+        def check_and_create() -> Model:
+            # Checked again with the insert, on the single writer thread: a create of the same
+            # source that raced past the early check above cannot slip in twice.
+            self._check_unique(model_id, draft)
+            return self._store.create_model(model)
+
+        created = await self._write_db(check_and_create)
         logger.info("created %s (%s, %s)", created.name, created.state.value, created.source.kind)
         return created
 

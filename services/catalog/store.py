@@ -155,12 +155,24 @@ _MODEL_COLUMNS = {
 class CatalogStore:
     """The catalog's persistent state: models and installs in one SQLite database."""
 
-    def __init__(self, connection: sqlite3.Connection, path: Path, secret: bytes) -> None:
-        """Use `CatalogStore.open`; this wraps an already prepared connection."""
+    def __init__(
+        self,
+        connection: sqlite3.Connection,
+        path: Path,
+        secret: bytes,
+        point_reader: sqlite3.Connection | None = None,
+    ) -> None:
+        """Use `CatalogStore.open`; this wraps an already prepared connection (and an optional
+        read-only one for point reads)."""
         self._connection: sqlite3.Connection | None = connection
         self._path = path
         self._lock = threading.RLock()
         self._tokens = PageTokenCodec(secret)
+        # Point reads (get by id) use their own read-only connection: in WAL mode it never
+        # waits for a write in progress on the main connection, so a caller may serve them on
+        # its event loop without a thread hop.
+        self._point_reader = point_reader
+        self._point_lock = threading.Lock()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -186,10 +198,21 @@ class CatalogStore:
         except BaseException:
             connection.close()
             raise
-        return cls(connection, path, secret)
+        reader = sqlite3.connect(
+            str(path),
+            timeout=BUSY_TIMEOUT_MS / 1000,
+            isolation_level=None,
+            check_same_thread=False,  # guarded by its own lock
+        )
+        reader.execute("PRAGMA query_only=ON")
+        return cls(connection, path, secret, reader)
 
     def close(self) -> None:
         """Close the database (idempotent). Later calls raise Unavailable."""
+        with self._point_lock:
+            if self._point_reader is not None:
+                self._point_reader.close()
+                self._point_reader = None
         with self._lock:
             connection = self._connection
             if connection is None:
@@ -237,8 +260,10 @@ class CatalogStore:
             return [_insert_model(connection, model, now) for model in models]
 
     def get_model(self, model_id: str) -> Model:
-        """The model with `model_id`; NotFound (MODEL_NOT_FOUND) when there is none."""
-        with self._read() as connection:
+        """The model with `model_id`; NotFound (MODEL_NOT_FOUND) when there is none.
+
+        A point read on the read-only connection: it never waits for a write."""
+        with self._point_read() as connection:
             row = connection.execute("SELECT data FROM models WHERE id = ?", (model_id,)).fetchone()
         if row is None:
             raise _model_not_found(model_id)
@@ -455,6 +480,15 @@ class CatalogStore:
         if self._connection is None:
             raise Unavailable("the catalog store is closed")
         return self._connection
+
+    @contextmanager
+    def _point_read(self) -> Iterator[sqlite3.Connection]:
+        if self._point_reader is None:  # wrapped without one, or closed: the main connection
+            with self._read() as connection:
+                yield connection
+            return
+        with self._point_lock:
+            yield self._point_reader
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:

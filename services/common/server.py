@@ -15,6 +15,7 @@ only when the caller says it is ready. Stopping is a sequence: NOT_SERVING, `ser
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import logging
 import signal
@@ -133,6 +134,25 @@ class RunningServer:
     async def _set_health(self, status: int) -> None:
         for name in (OVERALL_HEALTH, *self.service_names):
             await self.health.set(name, status)
+
+
+# Young-generation threshold while serving (CPython's default is 700).
+GC_GEN0_THRESHOLD = 20_000
+
+
+def prepare_heap_for_serving() -> None:
+    """Collect once, freeze what start-up created, and make young collections rarer.
+
+    Call it after loading, just before SERVING. Measured on the catalog: a ListModels page
+    allocates ~100 models' worth of objects, and with the defaults the collector's full passes
+    over every module, descriptor and class loaded at start-up put a 30 ms p99 on a 6 ms p50.
+    Frozen objects are never scanned again (they stay alive anyway); garbage made while serving
+    is still collected.
+    """
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, max(gen1, 50), max(gen2, 100))
 
 
 async def start_server(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from services.catalog.inspect import InspectError
 from services.catalog.service import CatalogService, HostInfo, ModelDraft, ModelPatch
 from services.catalog.store import CatalogStore
 from services.catalog.worker_types import WorkerTypeRegistry, detect_device_kinds
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from tests.fixtures.gguf_models import write_tiny_llama_gguf, write_truncated_gguf
 
 pytestmark = pytest.mark.unit
@@ -193,3 +194,26 @@ async def test_total_size_follows_every_write(service: CatalogService, tmp_path:
     assert await total("state=ready") == 1 and await total("state=downloading") == 1
     await service.delete_model(first.name)
     assert await total() == 1 and await total("state=ready") == 0
+
+
+async def test_concurrent_creates_of_one_source_register_it_once(
+    service: CatalogService, tmp_path: Path
+) -> None:
+    path = write_tiny_llama_gguf(tmp_path / "same.gguf")
+    results = await asyncio.gather(
+        *(service.create_model(_local(path), model_id=f"copy-{i}") for i in range(4)),
+        return_exceptions=True,
+    )
+    created = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, AlreadyExists)]
+    assert len(created) == 1 and len(refused) == 3
+    assert (await service.list_models(filter_text="", page_size=0, page_token=""))[2] == 1
+
+
+async def test_reads_do_not_wait_for_a_write_in_progress(
+    service: CatalogService, tmp_path: Path
+) -> None:
+    model = await service.create_model(_local(write_tiny_llama_gguf(tmp_path / "r.gguf")))
+    store = service._store  # the writer holds its lock as a long write transaction would
+    with store._lock:
+        assert (await service.get_model(model.name)).id == model.id
