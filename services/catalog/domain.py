@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import enum
+import json
 import re
 from datetime import datetime
 
@@ -129,16 +130,21 @@ class ModelSource(BaseModel):
 
     def canonical(self) -> str:
         """A stable string identifying the source; two different sources never share it."""
-        parts = [
-            self.kind.value,
-            self.repo or "",
-            self.revision or "",
-            ",".join(sorted(self.files)),
-            str(self.civitai_version_id or ""),
-            self.url or "",
-            self.path or "",
-        ]
-        return "\x1f".join(parts)
+        # JSON, not a joined string: a separator inside a value (a file named "a,b") must not
+        # make two different sources share a key.
+        return json.dumps(
+            [
+                self.kind.value,
+                self.repo,
+                self.revision,
+                sorted(self.files),
+                self.civitai_version_id,
+                self.url,
+                self.path,
+            ],
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
 
 
 class ModelState(enum.StrEnum):

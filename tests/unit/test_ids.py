@@ -159,3 +159,13 @@ def test_model_ids_are_valid_and_distinct_sources_get_distinct_suffixes(
         assert first_id != second_id
     else:
         assert first_id == second_id
+
+
+def test_a_separator_inside_a_value_does_not_merge_two_sources() -> None:
+    joined = ModelSource(kind=SourceKind.HUGGINGFACE, repo="org/r", files=["a,b"])
+    split = ModelSource(kind=SourceKind.HUGGINGFACE, repo="org/r", files=["a", "b"])
+    empty = ModelSource(kind=SourceKind.HUGGINGFACE, repo="org/r", files=[])
+    blank = ModelSource(kind=SourceKind.HUGGINGFACE, repo="org/r", files=[""])
+    assert joined.canonical() != split.canonical()
+    assert empty.canonical() != blank.canonical()
+    assert model_id_for_source(joined) != model_id_for_source(split)

@@ -102,6 +102,7 @@ class GenerationResult(BaseModel):
     finish_reason: FinishReason
     stop_sequence: str = ""
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens reused from the KV cache (not evaluated)
     completion_tokens: int = 0
     seed: int = 0
     time_to_first_token_s: float = 0.0
@@ -170,8 +171,8 @@ class LlmEngine(abc.ABC):
         parse_special: bool = False,
     ) -> Iterator[GenerationEvent]:
         """Stream TokenDeltas, then exactly one GenerationResult. Raises before the first
-        event for bad input (InvalidArgument, ResourceExhausted for a prompt beyond the
-        context with reason CONTEXT_TOO_LONG, ...)."""
+        event for bad input (InvalidArgument; for a prompt beyond the context with reason
+        CONTEXT_TOO_LONG, as rbee.common.v1.ErrorReason documents)."""
 
     @abc.abstractmethod
     def chat(

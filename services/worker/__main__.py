@@ -1,0 +1,223 @@
+"""`rbee-worker`: one worker process bound to one device and one engine.
+
+    rbee-worker --engine llama_cpp|fake --device cpu|cuda:N|mps --listen HOST:PORT
+                [--metrics-listen HOST:PORT] [--model PATH [--model-name models/ID]]
+                [--queue-size N] [--context-length N] [--gpu-layers N] [--threads N]
+
+Flags override the RBEE_WORKER_* variables (services.worker.settings), which override the
+defaults. Lifecycle, in this order: settings, logging, device binding (CUDA_VISIBLE_DEVICES,
+before the engine is imported), engine, service, server with health NOT_SERVING, the start-up
+model when --model is given, then health SERVING.
+
+Health SERVING means "ready to accept requests", including LoadModel: a worker started without
+--model is SERVING with no model loaded (state IDLE in GetWorker), so the pool can gate on
+health and then load. GetWorker reports what is loaded.
+
+SIGTERM / SIGINT: health NOT_SERVING, the running generation is cancelled at once (its stream
+ends with finish reason CANCELLED), queued and new requests get UNAVAILABLE, in-flight RPCs get
+`grace_seconds` to finish, then the model is unloaded and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
+
+from rbee.worker.v1 import worker_pb2_grpc
+from services.common.logs import configure_logging, log_settings
+from services.common.server import (
+    ListenError,
+    ServiceBinding,
+    prepare_heap_for_serving,
+    serve_until_signal,
+    start_server,
+)
+from services.worker.devices import ACCEPTED, DeviceSpec, bind_device
+from services.worker.engines.base import LlmEngine
+from services.worker.metrics import WorkerMetrics
+from services.worker.service import LoadProgressEvent, LoadRequest, OptionsKind, WorkerService
+from services.worker.servicer import SERVICE_NAME, WorkerServicer
+from services.worker.settings import EngineName, WorkerSettings
+
+logger = logging.getLogger("services.worker")
+
+DISTRIBUTION = "rbee-mesh"
+EXIT_USAGE = 2
+
+
+class StartupError(Exception):
+    """The worker cannot start (bad model, address in use): one line for the user."""
+
+
+def create_engine(name: EngineName) -> LlmEngine:
+    """The engine, imported only now: after the device binding, and only the one asked for."""
+    if name == "fake":
+        from services.worker.engines.fake import FakeEngine
+
+        return FakeEngine()
+    from services.worker.engines.llama_cpp import LlamaCppEngine
+
+    return LlamaCppEngine()
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def backend_version(name: EngineName) -> str:
+    """e.g. "llama-cpp-python 0.3.36"; "fake" for the fake engine."""
+    if name == "fake":
+        return "fake"
+    version = _version("llama-cpp-python")
+    return f"llama-cpp-python {version}" if version else "llama-cpp-python"
+
+
+async def load_startup_model(service: WorkerService, settings: WorkerSettings) -> None:
+    """Load --model before SERVING; progress goes to the log."""
+    assert settings.model_path is not None
+    request = LoadRequest(
+        model=settings.model_name,
+        paths=[str(settings.model_path.expanduser().resolve())],
+        options_kind=OptionsKind.LLM,
+        options=settings.load_options(),
+    )
+    async for event in service.load_model(request):
+        if isinstance(event, LoadProgressEvent):
+            logger.debug("load %s %s %s", event.stage.value, event.fraction, event.message)
+    loaded = service.loaded_model
+    assert loaded is not None
+    logger.info(
+        "model loaded: %s (context %d, %.2f s)",
+        loaded.model or loaded.paths[0],
+        loaded.engine_model.context_length,
+        loaded.engine_model.load_seconds,
+    )
+
+
+async def run(settings: WorkerSettings, device: DeviceSpec, engine: LlmEngine) -> None:
+    """Serve until SIGTERM/SIGINT: NOT_SERVING until ready (start-up model loaded), SERVING."""
+    registry = CollectorRegistry()
+    service = WorkerService(
+        engine,
+        device=device,
+        engine_name=settings.engine,
+        queue_size=settings.queue_size,
+        metrics=WorkerMetrics(registry),
+        name=settings.name,
+        version=_version(DISTRIBUTION),
+        backend_version=backend_version(settings.engine),
+    )
+    try:
+        running = await start_server(
+            [
+                ServiceBinding(
+                    worker_pb2_grpc.add_WorkerServiceServicer_to_server,
+                    WorkerServicer(service),
+                    SERVICE_NAME,
+                )
+            ],
+            listen=settings.listen,
+            metrics_listen=settings.metrics_listen,
+            registry=registry,
+        )
+    except ListenError as exc:
+        await service.close()
+        raise StartupError(str(exc)) from exc
+    running.on_stop(service.close)
+
+    async def cancel_work_when_stopping() -> None:
+        # stop() runs server.stop(grace), which waits for in-flight RPCs: the running
+        # generation must be told to stop first, or it would run on through the grace.
+        await running.wait_until_stopping()
+        service.begin_stop()
+
+    stop_watch = asyncio.create_task(cancel_work_when_stopping())
+    try:
+        if settings.model_path is not None:
+            try:
+                await load_startup_model(service, settings)
+            except Exception as exc:
+                await running.stop(0)
+                raise StartupError(f"cannot load {settings.model_path}: {exc}") from exc
+        prepare_heap_for_serving()
+        await running.set_serving()
+        logger.info(
+            "worker serving on port %d (metrics port %s, engine %s, device %s, queue %d)",
+            running.port,
+            running.metrics_port,
+            settings.engine,
+            device,
+            settings.queue_size,
+        )
+        await serve_until_signal(running, grace=settings.grace_seconds)
+    finally:
+        stop_watch.cancel()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rbee-worker",
+        description="One rbee worker: one device, one engine, at most one loaded model.",
+        epilog="Flags override RBEE_WORKER_* environment variables.",
+    )
+    parser.add_argument("--engine", choices=["llama_cpp", "fake"])
+    parser.add_argument("--device", help=f"the device to bind: {ACCEPTED}")
+    parser.add_argument("--listen", help="gRPC address host:port (port 0: ephemeral)")
+    parser.add_argument(
+        "--metrics-listen", help="Prometheus /metrics address host:port; empty: off"
+    )
+    parser.add_argument("--model", dest="model_path", help="a model file to load before SERVING")
+    parser.add_argument("--model-name", help="the model's catalog name, models/ID")
+    parser.add_argument("--name", help="the worker's name, workers/ID (the pool sets it)")
+    parser.add_argument("--queue-size", type=int, help="requests that may wait (default 8)")
+    parser.add_argument("--context-length", type=int, help="context length for --model")
+    parser.add_argument("--gpu-layers", type=int, help="GPU layers for --model (-1: all)")
+    parser.add_argument("--threads", type=int, help="threads for --model")
+    return parser
+
+
+def settings_from_args(argv: Sequence[str]) -> WorkerSettings:
+    """Settings from the environment, with the flags that were given on top."""
+    args = build_parser().parse_args(list(argv))
+    overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None}
+    return WorkerSettings(**overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script; returns the exit code."""
+    try:
+        settings = settings_from_args(sys.argv[1:] if argv is None else argv)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
+        )
+        print(f"error: {problems}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(settings.log_level, settings.log_format)
+    log_settings(logger, settings)
+    device = settings.device_spec
+    bind_device(device, os.environ)
+    try:
+        engine = create_engine(settings.engine)
+        asyncio.run(run(settings, device, engine))
+    except StartupError as exc:
+        logger.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

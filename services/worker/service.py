@@ -1,0 +1,806 @@
+"""One worker process, transport-neutral: an engine, a state machine, one generation at a time.
+
+The engine's methods block, and it is not thread-safe, so every engine call runs on ONE
+dedicated thread (a single-thread executor: llama.cpp and CUDA also prefer a stable thread),
+and the service lets one operation in at a time through a turn with a bounded waiting line:
+
+- Generate, Chat, Tokenize and Detokenize take a turn. When one is running, up to
+  `queue_size` more wait (FIFO); beyond that a request fails at once with RESOURCE_EXHAUSTED
+  (QUEUE_FULL).
+- LoadModel and UnloadModel do NOT queue: while anything runs or waits they fail with
+  FAILED_PRECONDITION (MODEL_IN_USE). Why: queued requests were accepted against the loaded
+  model; swapping it under them would serve them with another model. The pool drains a worker
+  before it reloads it.
+- Generations arriving while a model loads fail with FAILED_PRECONDITION (MODEL_NOT_LOADED).
+
+Streaming: the engine thread hands each event to the event loop with
+`loop.call_soon_threadsafe(queue.put_nowait, event)` as soon as the engine yields it, and the
+stream forwards it at once (no batching, no sleeps). A turn is released only when the engine
+thread has finished, never earlier, so the next request always starts on an idle engine.
+
+Cancellation: when the caller goes away (the RPC is cancelled or its deadline passes, which
+cancels the handler task) the stream's `finally` sets the request's threading.Event; the engine
+checks it once per token and stops. `begin_stop()` (SIGTERM) does the same for the running
+generation, whose stream then ends with finish reason CANCELLED, and refuses new work with
+UNAVAILABLE.
+
+States (WorkerState): IDLE (no model) -> LOADING -> READY <-> BUSY; STOPPING after begin_stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import resource
+import sys
+import threading
+import time
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import NoReturn, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.catalog.domain import Backend, DeviceKind
+from services.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    Unimplemented,
+)
+from services.worker.devices import DeviceSpec
+from services.worker.engines.base import (
+    ChatMessage,
+    FinishReason,
+    GenerationEvent,
+    GenerationResult,
+    LlmEngine,
+    LlmLoadOptions,
+    LoadedModel,
+    SamplingParams,
+    StoppingCriteria,
+    TokenDelta,
+)
+from services.worker.metrics import FINISH_ERROR, FINISH_REJECTED, WorkerMetrics
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MODEL_PREFIX = "models/"
+SD_WORKER_TYPES = "cpu-sd, cuda-sd or metal-sd"
+# Load progress is forwarded when it moved by at least this much (llama.cpp reports per tensor).
+LOAD_PROGRESS_STEP = 0.01
+
+
+class WorkerState(enum.StrEnum):
+    """What a worker process reports about itself (a subset of rbee.worker.v1.WorkerState)."""
+
+    IDLE = "idle"
+    LOADING = "loading"
+    READY = "ready"
+    BUSY = "busy"
+    STOPPING = "stopping"
+
+
+class LoadStage(enum.StrEnum):
+    CHECKING = "checking"
+    UNLOADING = "unloading"
+    READING = "reading"
+    ALLOCATING = "allocating"
+    WARMING_UP = "warming_up"
+
+
+class OptionsKind(enum.StrEnum):
+    """Which engine a LoadModel request's options were written for."""
+
+    LLM = "llm"
+    IMAGE = "image"
+
+
+class LoadRequest(BaseModel):
+    """A LoadModel request."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str = ""  # `models/{model}` (a bare id is accepted), "" when loaded by path only
+    paths: list[str] = Field(default_factory=list)
+    options_kind: OptionsKind | None = None  # None: no options given (defaults)
+    options: LlmLoadOptions = Field(default_factory=LlmLoadOptions)
+    default_seed: int | None = None  # for requests that set no seed
+    chat_template: str = ""  # overrides the model's own for Chat requests that give none
+
+
+class LoadProgressEvent(BaseModel):
+    stage: LoadStage
+    fraction: float | None = None
+    message: str = ""
+    elapsed_s: float = 0.0
+
+
+class LoadedModelInfo(BaseModel):
+    """What is loaded, with the request that loaded it."""
+
+    model: str
+    paths: list[str]
+    options: LlmLoadOptions
+    default_seed: int | None = None
+    chat_template: str = ""
+    engine_model: LoadedModel
+    load_time: datetime
+
+
+class WorkerCounters(BaseModel):
+    requests_succeeded: int = 0
+    requests_failed: int = 0
+    requests_cancelled: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class WorkerInfo(BaseModel):
+    """A snapshot of the worker (GetWorker, and the end of LoadModel / UnloadModel)."""
+
+    name: str
+    device: DeviceSpec
+    backend: Backend | None  # None: the fake engine
+    engine: str
+    worker_type: str
+    state: WorkerState
+    model: str
+    loaded: LoadedModelInfo | None
+    ram_bytes: int
+    vram_bytes: int
+    queue_depth: int
+    queue_capacity: int
+    counters: WorkerCounters
+    version: str
+    backend_version: str
+    start_time: datetime
+    update_time: datetime
+
+
+class GenerationRequest(BaseModel):
+    """A Generate request: a raw prompt."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str = ""
+    prompt: str
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    stopping: StoppingCriteria = Field(default_factory=StoppingCriteria)
+    add_special: bool = True
+    parse_special: bool = False
+
+
+class ChatGenerationRequest(BaseModel):
+    """A Chat request: messages, formatted by the model's (or the given) chat template."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str = ""
+    messages: list[ChatMessage]
+    chat_template: str = ""
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    stopping: StoppingCriteria = Field(default_factory=StoppingCriteria)
+
+
+class CompletedGeneration(BaseModel):
+    """The final event of a generation stream: the engine's result, plus what the worker adds."""
+
+    result: GenerationResult
+    model: str
+    queue_seconds: float
+
+
+StreamEvent = TokenDelta | CompletedGeneration
+
+
+def normalize_model_name(model: str) -> str:
+    """`models/{id}` for a bare id or a full name; "" stays ""."""
+    model = model.strip()
+    if not model or model.startswith(MODEL_PREFIX):
+        return model
+    return MODEL_PREFIX + model
+
+
+def process_rss_bytes() -> int:
+    """The resident set of this process in bytes (best effort; 0 when unknown)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        # No /proc (macOS): the peak instead, in bytes there (kilobytes on Linux).
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+class _Turns:
+    """One holder at a time, with a bounded FIFO waiting line."""
+
+    def __init__(self, capacity: int, on_waiting_changed: Callable[[int], None]) -> None:
+        self.capacity = capacity
+        self._lock = asyncio.Lock()
+        self._on_waiting_changed = on_waiting_changed
+        self.waiting = 0
+
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked() or self.waiting > 0
+
+    async def acquire(self) -> None:
+        if self.busy and self.waiting >= self.capacity:
+            raise ResourceExhausted(
+                f"the worker's queue is full ({self.capacity} waiting behind the running "
+                "request); retry later",
+                reason="QUEUE_FULL",
+            )
+        self.waiting += 1
+        self._on_waiting_changed(self.waiting)
+        try:
+            await self._lock.acquire()
+        finally:
+            self.waiting -= 1
+            self._on_waiting_changed(self.waiting)
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+class _Finished:
+    """Queued after the last item of an engine-thread job, with the job's error if any."""
+
+    def __init__(self, error: BaseException | None) -> None:
+        self.error = error
+
+
+Emit = Callable[[object], None]
+
+
+def _merge_ready_deltas(
+    delta: TokenDelta, items: asyncio.Queue[object]
+) -> tuple[TokenDelta, object | None]:
+    """`delta` joined with the deltas already queued behind it; also returns the first
+    queued item that is not a delta (to be handled next), or None."""
+    texts = [delta.text]
+    token_ids = list(delta.token_ids)
+    held: object | None = None
+    while not items.empty():
+        queued = items.get_nowait()
+        if not isinstance(queued, TokenDelta):
+            held = queued
+            break
+        texts.append(queued.text)
+        token_ids.extend(queued.token_ids)
+    # model_construct: both fields are already valid, and this runs per message.
+    return TokenDelta.model_construct(text="".join(texts), token_ids=token_ids), held
+
+
+class WorkerService:
+    """The worker: see the module docstring. Methods are called on the event loop."""
+
+    def __init__(
+        self,
+        engine: LlmEngine,
+        *,
+        device: DeviceSpec,
+        engine_name: str,
+        queue_size: int,
+        metrics: WorkerMetrics,
+        name: str = "",
+        version: str = "",
+        backend_version: str = "",
+    ) -> None:
+        self._engine = engine
+        self._device = device
+        self._engine_name = engine_name
+        self._metrics = metrics
+        self._name = name
+        self._version = version
+        self._backend_version = backend_version
+        self._backend = Backend.LLAMA_CPP if engine.backend == Backend.LLAMA_CPP.value else None
+        self._turns = _Turns(queue_size, metrics.queue_depth.set)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._loaded: LoadedModelInfo | None = None
+        self._loading = False
+        self._running = False
+        self._stopping = False
+        self._closed = False
+        self._current_cancel: threading.Event | None = None
+        self._counters = WorkerCounters()
+        self._start_time = datetime.now(UTC)
+        self._update_time = self._start_time
+
+    # ---- state -------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> WorkerState:
+        """The current state (derived, so it can never disagree with the flags)."""
+        if self._stopping:
+            return WorkerState.STOPPING
+        if self._loading:
+            return WorkerState.LOADING
+        if self._running:
+            return WorkerState.BUSY
+        if self._loaded is not None:
+            return WorkerState.READY
+        return WorkerState.IDLE
+
+    @property
+    def loaded_model(self) -> LoadedModelInfo | None:
+        return self._loaded
+
+    @property
+    def counters(self) -> WorkerCounters:
+        return self._counters.model_copy()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._turns.waiting
+
+    def get_worker(self) -> WorkerInfo:
+        """A snapshot of the worker."""
+        loaded = self._loaded
+        on_gpu = self._device.kind is not DeviceKind.CPU
+        model_bytes = loaded.engine_model.memory_bytes if loaded else 0
+        return WorkerInfo(
+            name=self._name,
+            device=self._device,
+            backend=self._backend,
+            engine=self._engine_name,
+            worker_type=f"{self._device.kind.value}-llm",
+            state=self.state,
+            model=loaded.model if loaded else "",
+            loaded=loaded,
+            ram_bytes=process_rss_bytes(),
+            # Best effort: the engine reports one number; on a GPU it is mostly device memory.
+            vram_bytes=model_bytes if on_gpu else 0,
+            queue_depth=self._turns.waiting,
+            queue_capacity=self._turns.capacity,
+            counters=self.counters,
+            version=self._version,
+            backend_version=self._backend_version,
+            start_time=self._start_time,
+            update_time=self._update_time,
+        )
+
+    def _touch(self) -> None:
+        self._update_time = datetime.now(UTC)
+
+    def _refuse_when_stopping(self) -> None:
+        if self._stopping:
+            raise Unavailable("the worker is stopping", retry_after_seconds=1.0)
+
+    def _refuse_when_busy(self) -> None:
+        if self._turns.busy:
+            raise FailedPrecondition(
+                "the worker is busy (a load, or requests running or queued); retry when it is "
+                "READY or IDLE",
+                reason="MODEL_IN_USE",
+            )
+
+    def _require_model(self, expected: str) -> LoadedModelInfo:
+        loaded = self._loaded
+        if loaded is None:
+            message = (
+                "a model is loading; retry when the worker is READY"
+                if self._loading
+                else ("no model is loaded; call LoadModel first")
+            )
+            raise FailedPrecondition(message, reason="MODEL_NOT_LOADED")
+        expected = normalize_model_name(expected)
+        if expected and expected != loaded.model:
+            raise FailedPrecondition(
+                f"the request expects {expected} but this worker has "
+                f"{loaded.model or 'a model loaded by path'} loaded",
+                reason="MODEL_MISMATCH",
+                metadata={"expected": expected, "loaded": loaded.model},
+            )
+        return loaded
+
+    # ---- engine thread -----------------------------------------------------------------------
+
+    def _start_job(
+        self,
+        work: Callable[[Emit], T],
+        on_done: Callable[[asyncio.Future[T]], None],
+    ) -> asyncio.Queue[object]:
+        """Run `work(emit)` on the engine thread; returns the queue of what it emits.
+
+        `on_done(future)` runs on the event loop when the thread has finished (whether or not
+        anyone still reads the queue); then a `_Finished` is queued. The caller holds the turn
+        and `on_done` releases it.
+        """
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue[object] = asyncio.Queue()
+        put = items.put_nowait
+
+        def emit(item: object) -> None:
+            loop.call_soon_threadsafe(put, item)
+
+        def finished(future: asyncio.Future[T]) -> None:
+            try:
+                on_done(future)
+            finally:
+                error = None if future.cancelled() else future.exception()
+                put(_Finished(error))
+
+        # The emits are scheduled before the future's completion (which is also delivered with
+        # call_soon_threadsafe, after `work` returned), so _Finished always comes last.
+        future = loop.run_in_executor(self._executor, work, emit)
+        future.add_done_callback(finished)
+        return items
+
+    # ---- load / unload -----------------------------------------------------------------------
+
+    async def load_model(
+        self, request: LoadRequest
+    ) -> AsyncGenerator[LoadProgressEvent | WorkerInfo, None]:
+        """Load a model (replacing the loaded one): progress events, then the worker, READY."""
+        self._refuse_when_stopping()
+        path = self._check_load_request(request)
+        self._refuse_when_busy()
+        await self._turns.acquire()  # free (checked above): returns without suspending
+        options = request.options
+        if self._device.kind is DeviceKind.CPU and options.gpu_layers is None:
+            options = options.model_copy(update={"gpu_layers": 0})  # a CPU worker offloads none
+        model = normalize_model_name(request.model)
+        cancel = threading.Event()
+        started = time.perf_counter()
+        had_model = self._loaded is not None
+        self._current_cancel = cancel  # begin_stop() aborts a load too
+        self._loading = True
+        self._loaded = None
+        self._touch()
+
+        def work(emit: Emit) -> LoadedModel:
+            if had_model:
+                emit(LoadProgressEvent(stage=LoadStage.UNLOADING, message="unloading"))
+                self._engine.unload()
+            last = -1.0
+
+            def progress(fraction: float, message: str) -> None:
+                nonlocal last
+                if fraction - last >= LOAD_PROGRESS_STEP or fraction >= 1.0 > last:
+                    last = fraction
+                    stage = LoadStage.READING if fraction < 1.0 else LoadStage.ALLOCATING
+                    emit(
+                        LoadProgressEvent(
+                            stage=stage,
+                            fraction=fraction,
+                            message=message,
+                            elapsed_s=time.perf_counter() - started,
+                        )
+                    )
+
+            return self._engine.load(path, options, progress=progress, cancel=cancel)
+
+        def on_done(future: asyncio.Future[LoadedModel]) -> None:
+            self._loading = False
+            if self._current_cancel is cancel:
+                self._current_cancel = None
+            try:
+                if not future.cancelled() and future.exception() is None:
+                    engine_model = future.result()
+                    self._loaded = LoadedModelInfo(
+                        model=model,
+                        paths=list(request.paths),
+                        options=options,
+                        default_seed=request.default_seed,
+                        chat_template=request.chat_template,
+                        engine_model=engine_model,
+                        load_time=datetime.now(UTC),
+                    )
+                    self._metrics.model_load.observe(time.perf_counter() - started)
+                    self._metrics.model_memory.set(engine_model.memory_bytes)
+                    logger.info("loaded %s (%s)", model or path, engine_model.name)
+                else:
+                    self._metrics.model_memory.set(0)
+            finally:
+                self._turns.release()
+                self._touch()
+
+        try:
+            items = self._start_job(work, on_done)
+        except BaseException:
+            self._loading = False
+            self._turns.release()
+            self._touch()
+            raise
+        finished = False
+        try:
+            yield LoadProgressEvent(stage=LoadStage.CHECKING, message=f"loading {path.name}")
+            while not isinstance(item := await items.get(), _Finished):
+                assert isinstance(item, LoadProgressEvent)
+                yield item
+            finished = True
+        finally:
+            if not finished:
+                cancel.set()  # the caller went away: the engine aborts the load
+        if item.error is not None:
+            raise item.error
+        yield self.get_worker()
+
+    def _check_load_request(self, request: LoadRequest) -> Path:
+        if request.options_kind is OptionsKind.IMAGE:
+            raise InvalidArgument.for_field(
+                "image",
+                f"this is an LLM worker ({self._engine_name}); image load options need an image "
+                f"worker ({SD_WORKER_TYPES}); send `llm` options here",
+                reason="WRONG_ENGINE",
+            )
+        if not request.paths:
+            if request.model:
+                raise FailedPrecondition(
+                    "paths are required for now: this worker does not resolve catalog models "
+                    "to files yet; pass the model's file in `paths`"
+                )
+            raise InvalidArgument.for_field("paths", "give the model file to load")
+        for index, text in enumerate(request.paths):
+            candidate = Path(text)
+            if not candidate.is_absolute():
+                raise InvalidArgument.for_field(
+                    f"paths[{index}]", f"must be an absolute path on the worker host: {text!r}"
+                )
+            if not candidate.exists():
+                raise NotFound(
+                    f"no such file on the worker host: {text}",
+                    resource_type="file",
+                    resource_name=text,
+                    reason="FILE_NOT_FOUND",
+                )
+        # A split GGUF loads from its first shard (llama.cpp finds the others).
+        return Path(request.paths[0])
+
+    async def unload_model(self, model: str = "") -> WorkerInfo:
+        """Unload the model (idempotent); `model` set: only if it is the loaded one."""
+        expected = normalize_model_name(model)
+        loaded = self._loaded
+        if expected and loaded is not None and loaded.model != expected:
+            raise FailedPrecondition(
+                f"{expected} is not loaded (the worker has {loaded.model or 'a model by path'})",
+                reason="MODEL_MISMATCH",
+            )
+        self._refuse_when_stopping()
+        self._refuse_when_busy()
+        await self._turns.acquire()  # free (checked above): returns without suspending
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._engine.unload)
+            self._loaded = None
+            self._metrics.model_memory.set(0)
+        finally:
+            self._turns.release()
+            self._touch()
+        return self.get_worker()
+
+    # ---- generation --------------------------------------------------------------------------
+
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
+        """Stream deltas, then exactly one CompletedGeneration."""
+        if not request.prompt:
+            raise InvalidArgument.for_field("prompt", "must not be empty")
+
+        def start(loaded: LoadedModelInfo, cancel: threading.Event) -> Iterator[GenerationEvent]:
+            return self._engine.generate(
+                request.prompt,
+                self._with_default_seed(request.sampling, loaded),
+                request.stopping,
+                cancel=cancel,
+                add_special=request.add_special,
+                parse_special=request.parse_special,
+            )
+
+        return self._generation(request.model, start)
+
+    def chat(self, request: ChatGenerationRequest) -> AsyncGenerator[StreamEvent, None]:
+        """Stream deltas, then exactly one CompletedGeneration."""
+        if not request.messages:
+            raise InvalidArgument.for_field("messages", "at least one message is required")
+
+        def start(loaded: LoadedModelInfo, cancel: threading.Event) -> Iterator[GenerationEvent]:
+            template = request.chat_template or loaded.chat_template or None
+            return self._engine.chat(
+                request.messages,
+                self._with_default_seed(request.sampling, loaded),
+                request.stopping,
+                cancel=cancel,
+                chat_template=template,
+            )
+
+        return self._generation(request.model, start)
+
+    @staticmethod
+    def _with_default_seed(sampling: SamplingParams, loaded: LoadedModelInfo) -> SamplingParams:
+        if sampling.seed is None and loaded.default_seed is not None:
+            return sampling.model_copy(update={"seed": loaded.default_seed})
+        return sampling
+
+    def _reject(self) -> None:
+        self._counters.requests_failed += 1
+        self._metrics.count_request(FINISH_REJECTED)
+
+    async def _take_turn(self, expected_model: str) -> LoadedModelInfo:
+        """Wait for the turn; checks before and after waiting. Counts rejections."""
+        try:
+            self._refuse_when_stopping()
+            self._require_model(expected_model)
+            await self._turns.acquire()
+        except asyncio.CancelledError:
+            self._counters.requests_cancelled += 1
+            self._metrics.count_request(FinishReason.CANCELLED.value)
+            raise
+        except Exception:
+            self._reject()
+            raise
+        try:
+            # The world may have changed while it waited.
+            self._refuse_when_stopping()
+            return self._require_model(expected_model)
+        except Exception:
+            self._turns.release()
+            self._reject()
+            raise
+
+    async def _generation(
+        self,
+        expected_model: str,
+        start: Callable[[LoadedModelInfo, threading.Event], Iterator[GenerationEvent]],
+    ) -> AsyncGenerator[StreamEvent, None]:
+        enqueued = time.perf_counter()
+        loaded = await self._take_turn(expected_model)
+        began = time.perf_counter()
+        cancel = threading.Event()
+        self._current_cancel = cancel
+        self._running = True
+        self._touch()
+
+        def work(emit: Emit) -> None:
+            for event in start(loaded, cancel):
+                emit(event)
+
+        def on_done(_future: asyncio.Future[None]) -> None:
+            self._running = False
+            if self._current_cancel is cancel:
+                self._current_cancel = None
+            self._turns.release()
+            self._touch()
+
+        try:
+            items = self._start_job(work, on_done)
+        except BaseException:
+            self._running = False
+            self._turns.release()
+            self._touch()
+            self._reject()
+            raise
+
+        metrics = self._metrics
+        outcome = FINISH_ERROR
+        completion_seen = 0
+        result: GenerationResult | None = None
+        last = began
+        first = True
+        held: object | None = None
+        try:
+            while True:
+                item = held if held is not None else await items.get()
+                held = None
+                if isinstance(item, _Finished):
+                    break
+                if isinstance(item, TokenDelta):
+                    # Deltas that piled up while the previous message was being sent go out
+                    # as one message: none waits for it (no timer, no batch size), and a
+                    # reader slower than the engine costs fewer messages, not more latency.
+                    if not items.empty():
+                        item, held = _merge_ready_deltas(item, items)
+                    now = time.perf_counter()
+                    if first:
+                        metrics.time_to_first_token.observe(now - began)
+                        first = False
+                    else:
+                        metrics.inter_token.observe(now - last)
+                    last = now
+                    completion_seen += len(item.token_ids)
+                    yield item
+                elif isinstance(item, GenerationResult):
+                    result = item
+                    outcome = item.finish_reason.value
+                    yield CompletedGeneration(
+                        result=item, model=loaded.model, queue_seconds=began - enqueued
+                    )
+            if item.error is not None:
+                raise item.error
+            if result is None:
+                raise RuntimeError("the engine ended a generation without a result")
+        except (asyncio.CancelledError, GeneratorExit):
+            if result is None:
+                outcome = FinishReason.CANCELLED.value
+            raise
+        finally:
+            if result is None:
+                cancel.set()  # the caller went away: the engine stops within one token
+            self._account(outcome, result, completion_seen)
+
+    def _account(self, outcome: str, result: GenerationResult | None, seen: int) -> None:
+        counters = self._counters
+        if outcome == FinishReason.CANCELLED.value:
+            counters.requests_cancelled += 1
+        elif outcome == FINISH_ERROR:
+            counters.requests_failed += 1
+        else:
+            counters.requests_succeeded += 1
+        completion = result.completion_tokens if result is not None else seen
+        prompt = result.prompt_tokens if result is not None else 0
+        counters.completion_tokens += completion
+        counters.prompt_tokens += prompt
+        self._metrics.tokens_generated.inc(completion)
+        self._metrics.prompt_tokens.inc(prompt)
+        self._metrics.count_request(outcome)
+
+    # ---- tokenizer ---------------------------------------------------------------------------
+
+    async def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        """Token ids of `text` with the loaded model's tokenizer."""
+        engine = self._engine
+        return await self._short_job(
+            lambda: engine.tokenize(text, add_special=add_special, parse_special=parse_special)
+        )
+
+    async def detokenize(self, token_ids: Sequence[int], *, skip_special: bool) -> str:
+        """The text of `token_ids` with the loaded model's tokenizer."""
+        ids = list(token_ids)
+        return await self._short_job(
+            lambda: self._engine.detokenize(ids, skip_special=skip_special)
+        )
+
+    async def _short_job(self, call: Callable[[], T]) -> T:
+        # Same turn as generations: the engine is not thread-safe. Not counted as requests.
+        self._refuse_when_stopping()
+        self._require_model("")
+        await self._turns.acquire()
+        try:
+            self._require_model("")
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        finally:
+            self._turns.release()
+
+    # ---- images ------------------------------------------------------------------------------
+
+    def generate_image(self) -> NoReturn:
+        """Always UNIMPLEMENTED (WRONG_ENGINE): this is an LLM worker."""
+        raise Unimplemented(
+            f"this is an LLM worker ({self._engine_name} on {self._device}); GenerateImage needs "
+            f"an image worker: spawn one of the sd worker types ({SD_WORKER_TYPES})",
+            reason="WRONG_ENGINE",
+        )
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def begin_stop(self) -> None:
+        """Refuse new work; cancel the running generation (it ends with CANCELLED) or load."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._current_cancel is not None:
+            self._current_cancel.set()
+        self._touch()
+
+    async def close(self) -> None:
+        """Stop, wait for the engine thread, unload; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.begin_stop()
+        loop = asyncio.get_running_loop()
+        # Queued behind whatever runs, on the same thread: unload happens after it stopped.
+        try:
+            await loop.run_in_executor(self._executor, self._engine.unload)
+        finally:
+            self._loaded = None
+            await asyncio.to_thread(self._executor.shutdown, wait=True)

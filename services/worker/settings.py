@@ -1,0 +1,79 @@
+"""The worker's typed settings: environment variables with the RBEE_WORKER_ prefix.
+
+`rbee-worker` flags override them (see services.worker.__main__). Defaults: the gRPC service on
+127.0.0.1:50071 and /metrics on 127.0.0.1:9471; the pool gives every worker it spawns its own
+ports (usually port 0 is not useful there, since the pool must know the address).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from services.catalog.domain import KvCacheType
+from services.common.settings import ServiceSettings
+from services.worker.devices import DeviceSpec, parse_device
+from services.worker.engines.base import LlmLoadOptions
+
+EngineName = Literal["llama_cpp", "fake"]
+
+
+class WorkerSettings(ServiceSettings):
+    """One worker process: its engine, device, addresses, queue and optional start-up model."""
+
+    model_config = SettingsConfigDict(env_prefix="RBEE_WORKER_", extra="ignore")
+
+    listen: str = "127.0.0.1:50071"
+    metrics_listen: str | None = "127.0.0.1:9471"
+    # Short: a SIGTERM cancels the running generation at once (within a token), so in-flight
+    # RPCs end quickly; the grace only covers writing their last messages.
+    grace_seconds: float = Field(default=5.0, ge=0)
+
+    engine: EngineName = "llama_cpp"
+    device: str = Field(default="cpu", description="cpu, cuda:N or mps.")
+    queue_size: int = Field(
+        default=8, ge=0, le=10_000, description="Requests that may wait behind the running one."
+    )
+    name: str = Field(default="", description="`workers/{worker}` when the pool named it.")
+
+    # A model to load before SERVING (optional); `model_name` is its catalog name, reported by
+    # GetWorker and checked against requests that name a model.
+    model_path: Path | None = None
+    model_name: str = ""
+
+    # Load options for the start-up model (LoadModel requests carry their own).
+    context_length: int | None = Field(default=None, ge=1)
+    gpu_layers: int | None = Field(default=None, ge=-1)
+    threads: int | None = Field(default=None, ge=1)
+    batch_size: int | None = Field(default=None, ge=1)
+    ubatch_size: int | None = Field(default=None, ge=1)
+    kv_cache_type: KvCacheType = KvCacheType.F16
+    flash_attention: bool = False
+    use_mmap: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        parse_device(value)  # DeviceSpecError is a ValueError: pydantic reports it
+        return value
+
+    @property
+    def device_spec(self) -> DeviceSpec:
+        """The parsed `device`."""
+        return parse_device(self.device)
+
+    def load_options(self) -> LlmLoadOptions:
+        """The start-up model's load options."""
+        return LlmLoadOptions(
+            context_length=self.context_length,
+            gpu_layers=self.gpu_layers,
+            threads=self.threads,
+            batch_size=self.batch_size,
+            ubatch_size=self.ubatch_size,
+            kv_cache_type=self.kv_cache_type,
+            flash_attention=self.flash_attention,
+            use_mmap=self.use_mmap,
+        )
