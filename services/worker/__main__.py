@@ -1,8 +1,12 @@
 """`rbee-worker`: one worker process bound to one device and one engine.
 
-    rbee-worker --engine llama_cpp|fake --device cpu|cuda:N|mps --listen HOST:PORT
+    rbee-worker --engine llama_cpp|diffusers|fake --device cpu|cuda:N|mps --listen HOST:PORT
                 [--metrics-listen HOST:PORT] [--model PATH [--model-name models/ID]]
                 [--queue-size N] [--context-length N] [--gpu-layers N] [--threads N]
+                [--dtype float16|bfloat16|float32] [--scheduler NAME] [--attention-slicing]
+
+`--engine diffusers` is an image worker: --model is a diffusers pipeline folder and the image
+flags (--dtype, --scheduler, --attention-slicing) are its load options.
 
 Flags override the RBEE_WORKER_* variables (services.worker.settings), which override the
 defaults. Lifecycle, in this order: settings, logging, device binding (CUDA_VISIBLE_DEVICES,
@@ -33,6 +37,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from rbee.worker.v1 import worker_pb2_grpc
+from services.catalog.domain import DeviceKind
 from services.common.logs import configure_logging, log_settings
 from services.common.server import (
     ListenError,
@@ -43,6 +48,7 @@ from services.common.server import (
 )
 from services.worker.devices import ACCEPTED, DeviceSpec, bind_device
 from services.worker.engines.base import LlmEngine
+from services.worker.engines.image_base import ImageEngine
 from services.worker.metrics import WorkerMetrics
 from services.worker.service import LoadProgressEvent, LoadRequest, OptionsKind, WorkerService
 from services.worker.servicer import SERVICE_NAME, WorkerServicer
@@ -58,8 +64,21 @@ class StartupError(Exception):
     """The worker cannot start (bad model, address in use): one line for the user."""
 
 
-def create_engine(name: EngineName) -> LlmEngine:
-    """The engine, imported only now: after the device binding, and only the one asked for."""
+def torch_device(device: DeviceSpec) -> str:
+    """The torch device of a bound device: CUDA_VISIBLE_DEVICES leaves one GPU, "cuda"."""
+    return {DeviceKind.CPU: "cpu", DeviceKind.CUDA: "cuda", DeviceKind.METAL: "mps"}[device.kind]
+
+
+def create_engine(
+    name: EngineName, device: DeviceSpec | None = None, *, threads: int | None = None
+) -> LlmEngine | ImageEngine:
+    """The engine, imported only now: after the device binding, and only the one asked for.
+    `threads` is torch's thread count for diffusers (llama.cpp takes it as a load option)."""
+    if name == "diffusers":
+        from services.worker.engines.diffusers_engine import DiffusersEngine
+
+        device = device or DeviceSpec(kind=DeviceKind.CPU)
+        return DiffusersEngine(torch_device(device), threads=threads)
     if name == "fake":
         from services.worker.engines.fake import FakeEngine
 
@@ -80,6 +99,9 @@ def backend_version(name: EngineName) -> str:
     """e.g. "llama-cpp-python 0.3.36"; "fake" for the fake engine."""
     if name == "fake":
         return "fake"
+    if name == "diffusers":
+        version = _version("diffusers")
+        return f"diffusers {version}" if version else "diffusers"
     version = _version("llama-cpp-python")
     return f"llama-cpp-python {version}" if version else "llama-cpp-python"
 
@@ -87,17 +109,34 @@ def backend_version(name: EngineName) -> str:
 async def load_startup_model(service: WorkerService, settings: WorkerSettings) -> None:
     """Load --model before SERVING; progress goes to the log."""
     assert settings.model_path is not None
-    request = LoadRequest(
-        model=settings.model_name,
-        paths=[str(settings.model_path.expanduser().resolve())],
-        options_kind=OptionsKind.LLM,
-        options=settings.load_options(),
-    )
+    paths = [str(settings.model_path.expanduser().resolve())]
+    if settings.engine == "diffusers":
+        request = LoadRequest(
+            model=settings.model_name,
+            paths=paths,
+            options_kind=OptionsKind.IMAGE,
+            image_options=settings.image_load_options(),
+        )
+    else:
+        request = LoadRequest(
+            model=settings.model_name,
+            paths=paths,
+            options_kind=OptionsKind.LLM,
+            options=settings.load_options(),
+        )
     async for event in service.load_model(request):
         if isinstance(event, LoadProgressEvent):
             logger.debug("load %s %s %s", event.stage.value, event.fraction, event.message)
     loaded = service.loaded_model
     assert loaded is not None
+    if loaded.image_options is not None:
+        logger.info(
+            "model loaded: %s (%s, %.2f s)",
+            loaded.model or loaded.paths[0],
+            loaded.engine_model.name,
+            loaded.engine_model.load_seconds,
+        )
+        return
     logger.info(
         "model loaded: %s (context %d, %.2f s)",
         loaded.model or loaded.paths[0],
@@ -106,7 +145,9 @@ async def load_startup_model(service: WorkerService, settings: WorkerSettings) -
     )
 
 
-async def run(settings: WorkerSettings, device: DeviceSpec, engine: LlmEngine) -> None:
+async def run(
+    settings: WorkerSettings, device: DeviceSpec, engine: LlmEngine | ImageEngine
+) -> None:
     """Serve until SIGTERM/SIGINT: NOT_SERVING until ready (start-up model loaded), SERVING."""
     registry = CollectorRegistry()
     service = WorkerService(
@@ -172,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="One rbee worker: one device, one engine, at most one loaded model.",
         epilog="Flags override RBEE_WORKER_* environment variables.",
     )
-    parser.add_argument("--engine", choices=["llama_cpp", "fake"])
+    parser.add_argument("--engine", choices=["llama_cpp", "diffusers", "fake"])
     parser.add_argument("--device", help=f"the device to bind: {ACCEPTED}")
     parser.add_argument("--listen", help="gRPC address host:port (port 0: ephemeral)")
     parser.add_argument(
@@ -185,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--context-length", type=int, help="context length for --model")
     parser.add_argument("--gpu-layers", type=int, help="GPU layers for --model (-1: all)")
     parser.add_argument("--threads", type=int, help="threads for --model")
+    parser.add_argument("--dtype", help="torch dtype for --model (diffusers)")
+    parser.add_argument("--scheduler", help="default scheduler for --model (diffusers)")
+    parser.add_argument(
+        "--attention-slicing",
+        action="store_true",
+        default=None,
+        help="attention slicing for --model (diffusers)",
+    )
     return parser
 
 
@@ -210,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = settings.device_spec
     bind_device(device, os.environ)
     try:
-        engine = create_engine(settings.engine)
+        engine = create_engine(settings.engine, device, threads=settings.threads)
         asyncio.run(run(settings, device, engine))
     except StartupError as exc:
         logger.error("%s", exc)

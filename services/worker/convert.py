@@ -6,7 +6,10 @@ catalog's tables (one mapping per wire enum in the code base).
 
 Request fields the LLM engine cannot honour yet are refused with INVALID_ARGUMENT rather than
 ignored: LoRA adapters, projectors, RoPE overrides, mlock, a separate batch thread count, tools
-and log probabilities. `ChatMessage.name` is dropped (templates have no place for it).
+and log probabilities. `ChatMessage.name` is dropped (templates have no place for it). Image
+requests likewise refuse what the diffusers engine does not do yet: CPU offload, variants,
+load-time LoRAs, VAE overrides, single-file families, the safety checker; per request SDXL's
+second prompts, guidance rescale, CLIP skip, eta, catalog LoRAs and non-PNG output.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from rbee.common.v1 import device_pb2
 from rbee.worker.v1 import generation_pb2 as gen_pb
-from rbee.worker.v1 import load_pb2
+from rbee.worker.v1 import image_pb2, load_pb2
 from rbee.worker.v1 import worker_pb2 as pb
 from services.catalog.convert import (
     BACKEND_TO_PB,
@@ -41,10 +44,20 @@ from services.worker.engines.base import (
     StoppingCriteria,
     TokenDelta,
 )
+from services.worker.engines.image_base import (
+    DEFAULT_PREVIEW_SIZE,
+    ImageLoadOptions,
+    ImageParams,
+    ImageProgress,
+    LoraWeight,
+)
 from services.worker.service import (
     ChatGenerationRequest,
     CompletedGeneration,
+    CompletedImages,
     GenerationRequest,
+    ImageGenerationRequest,
+    ImageStreamEvent,
     LoadedModelInfo,
     LoadProgressEvent,
     LoadRequest,
@@ -201,9 +214,50 @@ def llm_load_options_to_pb(
     return msg
 
 
+def image_load_options_from_pb(msg: load_pb2.ImageLoadOptions) -> ImageLoadOptions:
+    """Image load options; what the engine cannot honour yet is refused, never ignored."""
+    if msg.cpu_offload not in (load_pb2.CPU_OFFLOAD_UNSPECIFIED, load_pb2.CPU_OFFLOAD_NONE):
+        raise _refuse("image.cpu_offload", "CPU offloading")
+    if msg.variant:
+        raise _refuse("image.variant", "a weights variant")
+    if msg.loras:
+        raise _refuse("image.loras", "LoRAs fused at load")
+    if msg.vae:
+        raise _refuse("image.vae", "a VAE override")
+    if msg.family:
+        raise _refuse("image.family", "a single-file checkpoint family")
+    if msg.safety_checker:
+        raise _refuse("image.safety_checker", "the safety checker")
+    return ImageLoadOptions(
+        dtype=msg.dtype or None,
+        scheduler=msg.scheduler or None,
+        attention_slicing=msg.attention_slicing,
+        vae_tiling=msg.vae_tiling,
+        vae_slicing=msg.vae_slicing,
+    )
+
+
+def image_load_options_to_pb(options: ImageLoadOptions) -> load_pb2.ImageLoadOptions:
+    """The inverse of image_load_options_from_pb."""
+    return load_pb2.ImageLoadOptions(
+        dtype=options.dtype or "",
+        scheduler=options.scheduler or "",
+        attention_slicing=options.attention_slicing,
+        vae_tiling=options.vae_tiling,
+        vae_slicing=options.vae_slicing,
+    )
+
+
 def load_request_from_pb(msg: pb.LoadModelRequest) -> LoadRequest:
     """A LoadModel request; which options were given is kept, the service checks it."""
     which = msg.WhichOneof("options")
+    if which == "image":
+        return LoadRequest(
+            model=msg.model,
+            paths=list(msg.paths),
+            options_kind=OptionsKind.IMAGE,
+            image_options=image_load_options_from_pb(msg.image),
+        )
     if which == "llm":
         options, seed, template = llm_load_options_from_pb(msg.llm)
         return LoadRequest(
@@ -214,15 +268,11 @@ def load_request_from_pb(msg: pb.LoadModelRequest) -> LoadRequest:
             default_seed=seed,
             chat_template=template,
         )
-    return LoadRequest(
-        model=msg.model,
-        paths=list(msg.paths),
-        options_kind=OptionsKind.IMAGE if which == "image" else None,
-    )
+    return LoadRequest(model=msg.model, paths=list(msg.paths), options_kind=None)
 
 
 def load_request_to_pb(request: LoadRequest) -> pb.LoadModelRequest:
-    """A LoadModel request message (image options become an empty ImageLoadOptions)."""
+    """A LoadModel request message."""
     msg = pb.LoadModelRequest(model=request.model, paths=request.paths)
     if request.options_kind is OptionsKind.LLM:
         msg.llm.CopyFrom(
@@ -233,7 +283,7 @@ def load_request_to_pb(request: LoadRequest) -> pb.LoadModelRequest:
             )
         )
     elif request.options_kind is OptionsKind.IMAGE:
-        msg.image.SetInParent()
+        msg.image.CopyFrom(image_load_options_to_pb(request.image_options))
     return msg
 
 
@@ -264,13 +314,18 @@ def loaded_model_to_pb(info: LoadedModelInfo, *, on_gpu: bool) -> pb.LoadedModel
     msg = pb.LoadedModel(
         model=info.model,
         paths=info.paths,
-        llm=llm_load_options_to_pb(
-            info.options, default_seed=info.default_seed, chat_template=info.chat_template
-        ),
         context_length=engine.context_length,
         gpu_layers=max(0, engine.gpu_layers),
         has_chat_template=engine.has_chat_template or bool(info.chat_template),
     )
+    if info.image_options is not None:
+        msg.image.CopyFrom(image_load_options_to_pb(info.image_options))
+    else:
+        msg.llm.CopyFrom(
+            llm_load_options_to_pb(
+                info.options, default_seed=info.default_seed, chat_template=info.chat_template
+            )
+        )
     if on_gpu:
         msg.vram_bytes = engine.memory_bytes
     else:
@@ -517,3 +572,91 @@ def stream_event_from_pb(msg: gen_pb.GenerateResponse) -> StreamEvent:
         model=out.model,
         queue_seconds=duration_from_pb(timings.queue_time),
     )
+
+
+# ---- images ----------------------------------------------------------------------------------
+
+
+def image_request_from_pb(msg: image_pb2.GenerateImageRequest) -> ImageGenerationRequest:
+    """A GenerateImage request; unset fields stay None (the engine's defaults)."""
+    params = msg.params
+    if params.prompt_2 or params.negative_prompt_2:
+        raise _refuse("params.prompt_2", "a second (SDXL) prompt")
+    if params.HasField("guidance_rescale"):
+        raise _refuse("params.guidance_rescale", "guidance rescale")
+    if params.HasField("clip_skip"):
+        raise _refuse("params.clip_skip", "CLIP skip")
+    if params.HasField("eta"):
+        raise _refuse("params.eta", "eta")
+    if params.output_format not in (image_pb2.IMAGE_FORMAT_UNSPECIFIED, image_pb2.IMAGE_FORMAT_PNG):
+        raise _refuse("params.output_format", "an output format other than PNG")
+    loras = []
+    for index, lora in enumerate(params.loras):
+        if lora.WhichOneof("target") != "path":
+            raise _refuse(f"params.loras[{index}].model", "a catalog LoRA (give its path)")
+        weight = lora.weight if lora.HasField("weight") else 1.0
+        loras.append(LoraWeight(path=lora.path, scale=weight))
+    return ImageGenerationRequest(
+        model=msg.model,
+        params=ImageParams(
+            prompt=params.prompt,
+            negative_prompt=params.negative_prompt,
+            steps=params.steps or None,
+            guidance_scale=params.guidance_scale if params.HasField("guidance_scale") else None,
+            width=params.width or None,
+            height=params.height or None,
+            seed=params.seed if params.HasField("seed") else None,
+            scheduler=params.scheduler or None,
+            count=params.count or 1,
+            preview_interval=params.preview_interval,
+            preview_size=params.preview_size or DEFAULT_PREVIEW_SIZE,
+            loras=loras,
+        ),
+    )
+
+
+def image_progress_to_pb(event: ImageProgress) -> image_pb2.GenerateImageResponse:
+    """One step of the GenerateImage stream."""
+    msg = image_pb2.GenerateImageResponse()
+    out = msg.progress
+    out.step = event.step
+    out.total_steps = event.total_steps
+    out.image_index = event.image_index
+    out.image_count = event.image_count
+    if event.preview_png is not None:
+        out.preview = event.preview_png
+        out.preview_format = image_pb2.IMAGE_FORMAT_PNG
+    _fill_duration(out.elapsed, event.elapsed_s)
+    out.steps_per_second = event.steps_per_second
+    return msg
+
+
+def completed_images_to_pb(done: CompletedImages) -> image_pb2.GenerateImageResponse:
+    """The final message of GenerateImage: the PNGs with their seeds, and timings."""
+    result = done.result
+    msg = image_pb2.GenerateImageResponse()
+    out = msg.result
+    for image in result.images:
+        out.images.add(
+            data=image.png,
+            format=image_pb2.IMAGE_FORMAT_PNG,
+            seed=image.seed,
+            width=image.width,
+            height=image.height,
+            index=image.index,
+        )
+    _fill_duration(out.timings.queue_time, done.queue_seconds)
+    _fill_duration(out.timings.total_time, result.total_time_s)
+    out.timings.steps_per_second = result.steps_per_second
+    out.model = done.model
+    out.scheduler = result.scheduler
+    out.steps = result.steps
+    out.guidance_scale = result.guidance_scale
+    return msg
+
+
+def image_stream_event_to_pb(event: ImageStreamEvent) -> image_pb2.GenerateImageResponse:
+    """One message of the GenerateImage stream."""
+    if isinstance(event, ImageProgress):
+        return image_progress_to_pb(event)
+    return completed_images_to_pb(event)

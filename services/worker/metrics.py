@@ -1,7 +1,8 @@
 """The worker's domain metrics (rbee_worker_*), registered in the server's CollectorRegistry.
 
 Labels are bounded: `finish_reason` takes the FinishReason values plus "error" (the request
-failed) and "rejected" (queue full, wrong model, bad request before any work). Nothing
+failed), "rejected" (queue full, wrong model, bad request before any work) and "completed" (an
+image request that finished: images have no finish reason). Nothing
 request-specific (prompts, model names, ids) ever becomes a label value.
 """
 
@@ -13,7 +14,13 @@ from services.worker.engines.base import FinishReason
 
 FINISH_ERROR = "error"
 FINISH_REJECTED = "rejected"
-FINISH_LABELS = (*(reason.value for reason in FinishReason), FINISH_ERROR, FINISH_REJECTED)
+FINISH_COMPLETED = "completed"
+FINISH_LABELS = (
+    *(reason.value for reason in FinishReason),
+    FINISH_ERROR,
+    FINISH_REJECTED,
+    FINISH_COMPLETED,
+)
 
 # Time to first token: a tiny model on a GPU answers in ~1 ms, a long prompt on a CPU in many
 # seconds.
@@ -48,6 +55,21 @@ INTER_TOKEN_BUCKETS = (
     0.25,
     0.5,
     1.0,
+)
+# Denoising steps per second: from a large model on a CPU (~0.05) to a tiny one (~100s).
+IMAGE_STEPS_PER_SECOND_BUCKETS = (
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    25.0,
+    50.0,
+    100.0,
+    250.0,
 )
 LOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -98,6 +120,17 @@ class WorkerMetrics:
         self.model_memory = Gauge(
             "rbee_worker_model_memory_bytes",
             "Memory attributed to the loaded model (0 when none is loaded).",
+            registry=registry,
+        )
+        self.image_steps = Counter(
+            "rbee_worker_image_steps_total",
+            "Denoising steps run by image requests (cancelled ones included).",
+            registry=registry,
+        )
+        self.image_steps_per_second = Histogram(
+            "rbee_worker_image_steps_per_second",
+            "Denoising steps per second of each finished image request.",
+            buckets=IMAGE_STEPS_PER_SECOND_BUCKETS,
             registry=registry,
         )
         # Children created up front so every reason shows (as 0) before it first happens.

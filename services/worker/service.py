@@ -25,6 +25,12 @@ generation, whose stream then ends with finish reason CANCELLED, and refuses new
 UNAVAILABLE.
 
 States (WorkerState): IDLE (no model) -> LOADING -> READY <-> BUSY; STOPPING after begin_stop.
+
+Image workers (an ImageEngine) share all of it: GenerateImage takes the same turn, its progress
+events travel the same bridge, and a cancelled stream sets the same event, which the engine
+checks once per denoising step (it then raises Cancelled). Generate, Chat, Tokenize and
+Detokenize on an image worker, and GenerateImage on an LLM worker, are UNIMPLEMENTED
+(WRONG_ENGINE) with the worker types to use instead.
 """
 
 from __future__ import annotations
@@ -41,12 +47,13 @@ from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.catalog.domain import Backend, DeviceKind
 from services.common.errors import (
+    Cancelled,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -67,7 +74,14 @@ from services.worker.engines.base import (
     StoppingCriteria,
     TokenDelta,
 )
-from services.worker.metrics import FINISH_ERROR, FINISH_REJECTED, WorkerMetrics
+from services.worker.engines.image_base import (
+    ImageEngine,
+    ImageLoadOptions,
+    ImageParams,
+    ImageProgress,
+    ImageResult,
+)
+from services.worker.metrics import FINISH_COMPLETED, FINISH_ERROR, FINISH_REJECTED, WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +89,7 @@ T = TypeVar("T")
 
 MODEL_PREFIX = "models/"
 SD_WORKER_TYPES = "cpu-sd, cuda-sd or metal-sd"
+LLM_WORKER_TYPES = "cpu-llm, cuda-llm or metal-llm"
 # Load progress is forwarded when it moved by at least this much (llama.cpp reports per tensor).
 LOAD_PROGRESS_STEP = 0.01
 
@@ -113,6 +128,7 @@ class LoadRequest(BaseModel):
     paths: list[str] = Field(default_factory=list)
     options_kind: OptionsKind | None = None  # None: no options given (defaults)
     options: LlmLoadOptions = Field(default_factory=LlmLoadOptions)
+    image_options: ImageLoadOptions = Field(default_factory=ImageLoadOptions)  # image workers
     default_seed: int | None = None  # for requests that set no seed
     chat_template: str = ""  # overrides the model's own for Chat requests that give none
 
@@ -130,6 +146,7 @@ class LoadedModelInfo(BaseModel):
     model: str
     paths: list[str]
     options: LlmLoadOptions
+    image_options: ImageLoadOptions | None = None  # set on image workers
     default_seed: int | None = None
     chat_template: str = ""
     engine_model: LoadedModel
@@ -200,6 +217,26 @@ class CompletedGeneration(BaseModel):
 
 
 StreamEvent = TokenDelta | CompletedGeneration
+
+
+class ImageGenerationRequest(BaseModel):
+    """A GenerateImage request."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str = ""
+    params: ImageParams
+
+
+class CompletedImages(BaseModel):
+    """The final event of a GenerateImage stream: the engine's result, plus the worker's part."""
+
+    result: ImageResult
+    model: str
+    queue_seconds: float
+
+
+ImageStreamEvent = ImageProgress | CompletedImages
 
 
 def normalize_model_name(model: str) -> str:
@@ -287,7 +324,7 @@ class WorkerService:
 
     def __init__(
         self,
-        engine: LlmEngine,
+        engine: LlmEngine | ImageEngine,
         *,
         device: DeviceSpec,
         engine_name: str,
@@ -304,7 +341,8 @@ class WorkerService:
         self._name = name
         self._version = version
         self._backend_version = backend_version
-        self._backend = Backend.LLAMA_CPP if engine.backend == Backend.LLAMA_CPP.value else None
+        backends = {backend.value: backend for backend in Backend}
+        self._backend = backends.get(engine.backend)  # None: the fake engine
         self._turns = _Turns(queue_size, metrics.queue_depth.set)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._loaded: LoadedModelInfo | None = None
@@ -354,7 +392,7 @@ class WorkerService:
             device=self._device,
             backend=self._backend,
             engine=self._engine_name,
-            worker_type=f"{self._device.kind.value}-llm",
+            worker_type=f"{self._device.kind.value}-{'sd' if self._is_image else 'llm'}",
             state=self.state,
             model=loaded.model if loaded else "",
             loaded=loaded,
@@ -372,6 +410,21 @@ class WorkerService:
 
     def _touch(self) -> None:
         self._update_time = datetime.now(UTC)
+
+    @property
+    def _is_image(self) -> bool:
+        return isinstance(self._engine, ImageEngine)
+
+    def _llm_engine(self, method: str) -> LlmEngine:
+        """The LLM engine, or UNIMPLEMENTED (WRONG_ENGINE) on an image worker."""
+        engine = self._engine
+        if isinstance(engine, ImageEngine):
+            raise Unimplemented(
+                f"this is an image worker ({self._engine_name} on {self._device}); {method} "
+                f"needs an LLM worker: spawn one of the llm worker types ({LLM_WORKER_TYPES})",
+                reason="WRONG_ENGINE",
+            )
+        return engine
 
     def _refuse_when_stopping(self) -> None:
         if self._stopping:
@@ -448,6 +501,7 @@ class WorkerService:
         self._refuse_when_busy()
         await self._turns.acquire()  # free (checked above): returns without suspending
         options = request.options
+        engine = self._engine
         if self._device.kind is DeviceKind.CPU and options.gpu_layers is None:
             options = options.model_copy(update={"gpu_layers": 0})  # a CPU worker offloads none
         model = normalize_model_name(request.model)
@@ -479,7 +533,9 @@ class WorkerService:
                         )
                     )
 
-            return self._engine.load(path, options, progress=progress, cancel=cancel)
+            if isinstance(engine, ImageEngine):
+                return engine.load(path, request.image_options, progress=progress, cancel=cancel)
+            return engine.load(path, options, progress=progress, cancel=cancel)
 
         def on_done(future: asyncio.Future[LoadedModel]) -> None:
             self._loading = False
@@ -492,6 +548,7 @@ class WorkerService:
                         model=model,
                         paths=list(request.paths),
                         options=options,
+                        image_options=request.image_options if self._is_image else None,
                         default_seed=request.default_seed,
                         chat_template=request.chat_template,
                         engine_model=engine_model,
@@ -528,7 +585,14 @@ class WorkerService:
         yield self.get_worker()
 
     def _check_load_request(self, request: LoadRequest) -> Path:
-        if request.options_kind is OptionsKind.IMAGE:
+        if self._is_image and request.options_kind is OptionsKind.LLM:
+            raise InvalidArgument.for_field(
+                "llm",
+                f"this is an image worker ({self._engine_name}); LLM load options need an LLM "
+                f"worker ({LLM_WORKER_TYPES}); send `image` options here",
+                reason="WRONG_ENGINE",
+            )
+        if not self._is_image and request.options_kind is OptionsKind.IMAGE:
             raise InvalidArgument.for_field(
                 "image",
                 f"this is an LLM worker ({self._engine_name}); image load options need an image "
@@ -583,11 +647,12 @@ class WorkerService:
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         """Stream deltas, then exactly one CompletedGeneration."""
+        engine = self._llm_engine("Generate")
         if not request.prompt:
             raise InvalidArgument.for_field("prompt", "must not be empty")
 
         def start(loaded: LoadedModelInfo, cancel: threading.Event) -> Iterator[GenerationEvent]:
-            return self._engine.generate(
+            return engine.generate(
                 request.prompt,
                 self._with_default_seed(request.sampling, loaded),
                 request.stopping,
@@ -600,12 +665,13 @@ class WorkerService:
 
     def chat(self, request: ChatGenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         """Stream deltas, then exactly one CompletedGeneration."""
+        engine = self._llm_engine("Chat")
         if not request.messages:
             raise InvalidArgument.for_field("messages", "at least one message is required")
 
         def start(loaded: LoadedModelInfo, cancel: threading.Event) -> Iterator[GenerationEvent]:
             template = request.chat_template or loaded.chat_template or None
-            return self._engine.chat(
+            return engine.chat(
                 request.messages,
                 self._with_default_seed(request.sampling, loaded),
                 request.stopping,
@@ -747,7 +813,7 @@ class WorkerService:
 
     async def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         """Token ids of `text` with the loaded model's tokenizer."""
-        engine = self._engine
+        engine = self._llm_engine("Tokenize")
         return await self._short_job(
             lambda: engine.tokenize(text, add_special=add_special, parse_special=parse_special)
         )
@@ -755,9 +821,8 @@ class WorkerService:
     async def detokenize(self, token_ids: Sequence[int], *, skip_special: bool) -> str:
         """The text of `token_ids` with the loaded model's tokenizer."""
         ids = list(token_ids)
-        return await self._short_job(
-            lambda: self._engine.detokenize(ids, skip_special=skip_special)
-        )
+        engine = self._llm_engine("Detokenize")
+        return await self._short_job(lambda: engine.detokenize(ids, skip_special=skip_special))
 
     async def _short_job(self, call: Callable[[], T]) -> T:
         # Same turn as generations: the engine is not thread-safe. Not counted as requests.
@@ -772,13 +837,105 @@ class WorkerService:
 
     # ---- images ------------------------------------------------------------------------------
 
-    def generate_image(self) -> NoReturn:
-        """Always UNIMPLEMENTED (WRONG_ENGINE): this is an LLM worker."""
-        raise Unimplemented(
-            f"this is an LLM worker ({self._engine_name} on {self._device}); GenerateImage needs "
-            f"an image worker: spawn one of the sd worker types ({SD_WORKER_TYPES})",
-            reason="WRONG_ENGINE",
-        )
+    def check_image_worker(self) -> ImageEngine:
+        """The image engine; UNIMPLEMENTED (WRONG_ENGINE) on an LLM worker."""
+        engine = self._engine
+        if not isinstance(engine, ImageEngine):
+            raise Unimplemented(
+                f"this is an LLM worker ({self._engine_name} on {self._device}); GenerateImage "
+                f"needs an image worker: spawn one of the sd worker types ({SD_WORKER_TYPES})",
+                reason="WRONG_ENGINE",
+            )
+        return engine
+
+    def generate_image(
+        self, request: ImageGenerationRequest | None = None
+    ) -> AsyncGenerator[ImageStreamEvent, None]:
+        """Stream step progress, then exactly one CompletedImages. UNIMPLEMENTED (WRONG_ENGINE)
+        on an LLM worker, checked before anything else."""
+        engine = self.check_image_worker()
+        if request is None:
+            raise InvalidArgument.for_field("params", "the image parameters are required")
+        if not request.params.prompt:
+            raise InvalidArgument.for_field("params.prompt", "must not be empty")
+        try:
+            engine.check_params(request.params)  # before the queue: a bad request costs no turn
+        except InvalidArgument:
+            self._reject()
+            raise
+        return self._image_generation(engine, request)
+
+    async def _image_generation(
+        self, engine: ImageEngine, request: ImageGenerationRequest
+    ) -> AsyncGenerator[ImageStreamEvent, None]:
+        enqueued = time.perf_counter()
+        loaded = await self._take_turn(request.model)
+        began = time.perf_counter()
+        cancel = threading.Event()
+        self._current_cancel = cancel
+        self._running = True
+        self._touch()
+
+        def work(emit: Emit) -> None:
+            emit(engine.generate(request.params, on_progress=emit, cancel=cancel))
+
+        def on_done(_future: asyncio.Future[None]) -> None:
+            self._running = False
+            if self._current_cancel is cancel:
+                self._current_cancel = None
+            self._turns.release()
+            self._touch()
+
+        try:
+            items = self._start_job(work, on_done)
+        except BaseException:
+            self._running = False
+            self._turns.release()
+            self._touch()
+            self._reject()
+            raise
+
+        outcome = FINISH_ERROR
+        result: ImageResult | None = None
+        steps_seen = 0
+        try:
+            while not isinstance(item := await items.get(), _Finished):
+                if isinstance(item, ImageProgress):
+                    steps_seen += 1
+                    yield item
+                elif isinstance(item, ImageResult):
+                    result = item
+                    outcome = FINISH_COMPLETED
+                    yield CompletedImages(
+                        result=item, model=loaded.model, queue_seconds=began - enqueued
+                    )
+            if item.error is not None:
+                if isinstance(item.error, Cancelled):
+                    outcome = FinishReason.CANCELLED.value
+                raise item.error
+            if result is None:
+                raise RuntimeError("the engine ended an image generation without a result")
+        except (asyncio.CancelledError, GeneratorExit):
+            if result is None:
+                outcome = FinishReason.CANCELLED.value
+            raise
+        finally:
+            if result is None:
+                cancel.set()  # the caller went away: the engine stops within one step
+            self._account_images(outcome, result, steps_seen)
+
+    def _account_images(self, outcome: str, result: ImageResult | None, steps: int) -> None:
+        counters = self._counters
+        if outcome == FinishReason.CANCELLED.value:
+            counters.requests_cancelled += 1
+        elif outcome == FINISH_ERROR:
+            counters.requests_failed += 1
+        else:
+            counters.requests_succeeded += 1
+        self._metrics.count_request(outcome)
+        self._metrics.image_steps.inc(steps)
+        if result is not None and result.steps_per_second > 0:
+            self._metrics.image_steps_per_second.observe(result.steps_per_second)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 

@@ -75,5 +75,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def GenerateImage(
         self, request: image_pb2.GenerateImageRequest, context: Context
     ) -> AsyncIterator[image_pb2.GenerateImageResponse]:
-        self._service.generate_image()  # raises UNIMPLEMENTED (WRONG_ENGINE)
-        yield image_pb2.GenerateImageResponse()  # unreachable; makes this an async generator
+        # UNIMPLEMENTED (WRONG_ENGINE) on an LLM worker, before the request is even read.
+        self._service.check_image_worker()
+        to_pb = convert.image_stream_event_to_pb
+        events = self._service.generate_image(convert.image_request_from_pb(request))
+        async for event in events:
+            yield to_pb(event)

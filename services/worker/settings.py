@@ -17,8 +17,9 @@ from services.catalog.domain import KvCacheType
 from services.common.settings import ServiceSettings
 from services.worker.devices import DeviceSpec, parse_device
 from services.worker.engines.base import LlmLoadOptions
+from services.worker.engines.image_base import ImageLoadOptions
 
-EngineName = Literal["llama_cpp", "fake"]
+EngineName = Literal["llama_cpp", "diffusers", "fake"]
 
 
 class WorkerSettings(ServiceSettings):
@@ -53,6 +54,10 @@ class WorkerSettings(ServiceSettings):
     kv_cache_type: KvCacheType = KvCacheType.F16
     flash_attention: bool = False
     use_mmap: bool = True
+    # Image (diffusers) load options for the start-up model.
+    dtype: str | None = Field(default=None, description="float16, bfloat16 or float32.")
+    scheduler: str | None = None
+    attention_slicing: bool = False
 
     @field_validator("device")
     @classmethod
@@ -64,6 +69,12 @@ class WorkerSettings(ServiceSettings):
     def device_spec(self) -> DeviceSpec:
         """The parsed `device`."""
         return parse_device(self.device)
+
+    def image_load_options(self) -> ImageLoadOptions:
+        """The start-up model's load options on a diffusers worker."""
+        return ImageLoadOptions(
+            dtype=self.dtype, scheduler=self.scheduler, attention_slicing=self.attention_slicing
+        )
 
     def load_options(self) -> LlmLoadOptions:
         """The start-up model's load options."""
