@@ -793,7 +793,8 @@ class WorkerService:
                 cancel.set()  # the caller went away: the engine stops within one token
             self._account(outcome, result, completion_seen)
 
-    def _account(self, outcome: str, result: GenerationResult | None, seen: int) -> None:
+    def _count_outcome(self, outcome: str) -> None:
+        """One finished request, of either engine, in the counters and the metrics."""
         counters = self._counters
         if outcome == FinishReason.CANCELLED.value:
             counters.requests_cancelled += 1
@@ -801,13 +802,17 @@ class WorkerService:
             counters.requests_failed += 1
         else:
             counters.requests_succeeded += 1
+        self._metrics.count_request(outcome)
+
+    def _account(self, outcome: str, result: GenerationResult | None, seen: int) -> None:
+        self._count_outcome(outcome)
+        counters = self._counters
         completion = result.completion_tokens if result is not None else seen
         prompt = result.prompt_tokens if result is not None else 0
         counters.completion_tokens += completion
         counters.prompt_tokens += prompt
         self._metrics.tokens_generated.inc(completion)
         self._metrics.prompt_tokens.inc(prompt)
-        self._metrics.count_request(outcome)
 
     # ---- tokenizer ---------------------------------------------------------------------------
 
@@ -925,14 +930,7 @@ class WorkerService:
             self._account_images(outcome, result, steps_seen)
 
     def _account_images(self, outcome: str, result: ImageResult | None, steps: int) -> None:
-        counters = self._counters
-        if outcome == FinishReason.CANCELLED.value:
-            counters.requests_cancelled += 1
-        elif outcome == FINISH_ERROR:
-            counters.requests_failed += 1
-        else:
-            counters.requests_succeeded += 1
-        self._metrics.count_request(outcome)
+        self._count_outcome(outcome)
         self._metrics.image_steps.inc(steps)
         if result is not None and result.steps_per_second > 0:
             self._metrics.image_steps_per_second.observe(result.steps_per_second)

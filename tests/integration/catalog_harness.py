@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ from services.catalog.servicer import CatalogServicer
 from services.catalog.store import CatalogStore
 from services.catalog.worker_types import WorkerTypeRegistry
 from services.common.server import RunningServer, ServiceBinding, start_server
+from tests.integration.server_harness import serve_in_thread
 
 SERVICE_NAME = "rbee.catalog.v1.CatalogService"
 
@@ -33,17 +32,11 @@ class CatalogServer:
 @contextmanager
 def running_catalog(home: Path, *, host: HostInfo | None = None) -> Iterator[CatalogServer]:
     """Start the catalog (store under `home`) and stop it on exit, bounded in time."""
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    holder: dict[str, object] = {}
+    hive = host or HostInfo("linux", "x86_64", frozenset({DeviceKind.CPU, DeviceKind.CUDA}))
 
-    async def start() -> None:
+    async def build() -> tuple[RunningServer, None]:
         store = CatalogStore.open(home / "catalog" / "catalog.db")
-        service = CatalogService(
-            store,
-            WorkerTypeRegistry(),
-            host=host or HostInfo("linux", "x86_64", frozenset({DeviceKind.CPU, DeviceKind.CUDA})),
-        )
+        service = CatalogService(store, WorkerTypeRegistry(), host=hive)
         running = await start_server(
             [
                 ServiceBinding(
@@ -58,36 +51,12 @@ def running_catalog(home: Path, *, host: HostInfo | None = None) -> Iterator[Cat
         )
         running.on_stop(service.close)
         await running.set_serving()
-        holder["running"] = running
+        return running, None
 
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(start())
-        except BaseException as exc:
-            holder["error"] = exc
-        ready.set()
-        if "running" in holder:
-            loop.run_forever()
-
-    thread = threading.Thread(target=run, name="catalog-test-server", daemon=True)
-    thread.start()
-    if not ready.wait(30):
-        raise TimeoutError("catalog server did not start within 30 s")
-    error = holder.get("error")
-    if isinstance(error, BaseException):
-        raise RuntimeError("catalog server failed to start") from error
-    running = holder["running"]
-    assert isinstance(running, RunningServer)
-    try:
+    with serve_in_thread(build, name="catalog-test-server") as (running, _):
         yield CatalogServer(
             address=f"127.0.0.1:{running.port}",
             port=running.port,
             metrics_port=running.metrics_port,
             database=home / "catalog" / "catalog.db",
         )
-    finally:
-        asyncio.run_coroutine_threadsafe(running.stop(1.0), loop).result(timeout=30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=30)
-        loop.close()

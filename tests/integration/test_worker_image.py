@@ -4,9 +4,7 @@ thread, called with sync stubs."""
 
 from __future__ import annotations
 
-import asyncio
 import io
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,18 +24,14 @@ from rbee.common.v1 import runtime_pb2
 from rbee.worker.v1 import generation_pb2 as gen_pb
 from rbee.worker.v1 import image_pb2, load_pb2, worker_pb2_grpc
 from rbee.worker.v1 import worker_pb2 as pb
-from services.catalog.domain import DeviceKind
-from services.common.server import RunningServer, ServiceBinding, start_server
 from services.worker.__main__ import create_engine, settings_from_args
-from services.worker.devices import DeviceSpec
 from services.worker.engines.base import LlmEngine
 from services.worker.engines.diffusers_engine import DiffusersEngine
 from services.worker.engines.fake import FakeEngine
 from services.worker.engines.image_base import ImageEngine
-from services.worker.metrics import WorkerMetrics
 from services.worker.service import WorkerService
-from services.worker.servicer import SERVICE_NAME, WorkerServicer
 from tests.fixtures.sd_models import tiny_sd_pipeline_under
+from tests.integration.server_harness import serve_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.sd]
 
@@ -67,59 +61,11 @@ class ImageWorker:
 @contextmanager
 def running_worker(engine: LlmEngine | ImageEngine, engine_name: str) -> Iterator[ImageWorker]:
     """Serve a WorkerService around `engine` on 127.0.0.1:0; stop it on exit (bounded)."""
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    holder: dict[str, Any] = {}
     registry = CollectorRegistry()
-
-    async def start() -> None:
-        service = WorkerService(
-            engine,
-            device=DeviceSpec(kind=DeviceKind.CPU),
-            engine_name=engine_name,
-            queue_size=2,
-            metrics=WorkerMetrics(registry),
-        )
-        running = await start_server(
-            [
-                ServiceBinding(
-                    worker_pb2_grpc.add_WorkerServiceServicer_to_server,
-                    WorkerServicer(service),
-                    SERVICE_NAME,
-                )
-            ],
-            listen="127.0.0.1:0",
-            metrics_listen=None,
-            registry=registry,
-        )
-        running.on_stop(service.close)
-        await running.set_serving()
-        holder.update(running=running, service=service)
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(start())
-        except BaseException as exc:
-            holder["error"] = exc
-        ready.set()
-        if "running" in holder:
-            loop.run_forever()
-
-    thread = threading.Thread(target=run, name="image-worker-test-server", daemon=True)
-    thread.start()
-    if not ready.wait(30):
-        raise TimeoutError("worker server did not start within 30 s")
-    if "error" in holder:
-        raise RuntimeError("worker server failed to start") from holder["error"]
-    running: RunningServer = holder["running"]
-    try:
-        yield ImageWorker(f"127.0.0.1:{running.port}", holder["service"], registry)
-    finally:
-        asyncio.run_coroutine_threadsafe(running.stop(1.0), loop).result(timeout=30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=30)
-        loop.close()
+    with serve_worker(
+        engine, engine_name=engine_name, queue_size=2, metrics_listen=None, registry=registry
+    ) as (running, service):
+        yield ImageWorker(f"127.0.0.1:{running.port}", service, registry)
 
 
 @pytest.fixture(scope="session")

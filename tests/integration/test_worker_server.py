@@ -6,8 +6,6 @@ test (marked llm) runs the real LlamaCppEngine on a tiny generated GGUF.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -21,20 +19,16 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from prometheus_client import CollectorRegistry
 
 from rbee.worker.v1 import generation_pb2 as gen_pb
 from rbee.worker.v1 import image_pb2, load_pb2, worker_pb2_grpc
 from rbee.worker.v1 import worker_pb2 as pb
-from services.catalog.domain import DeviceKind
-from services.common.server import RunningServer, ServiceBinding, start_server
-from services.worker.devices import DeviceSpec
 from services.worker.engines.base import LlmEngine
 from services.worker.engines.fake import FakeEngine
-from services.worker.metrics import WorkerMetrics
 from services.worker.service import WorkerService
-from services.worker.servicer import SERVICE_NAME, WorkerServicer
+from services.worker.servicer import SERVICE_NAME
 from tests.fixtures.gguf_models import write_tiny_llama_gguf
+from tests.integration.server_harness import serve_worker
 
 pytestmark = pytest.mark.integration
 
@@ -56,62 +50,9 @@ def running_worker(
     engine: LlmEngine, *, queue_size: int = 8, engine_name: str = "fake"
 ) -> Iterator[WorkerServer]:
     """Serve a WorkerService around `engine` on 127.0.0.1:0; stop it on exit (bounded)."""
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    holder: dict[str, Any] = {}
-
-    async def start() -> None:
-        registry = CollectorRegistry()
-        service = WorkerService(
-            engine,
-            device=DeviceSpec(kind=DeviceKind.CPU),
-            engine_name=engine_name,
-            queue_size=queue_size,
-            metrics=WorkerMetrics(registry),
-        )
-        running = await start_server(
-            [
-                ServiceBinding(
-                    worker_pb2_grpc.add_WorkerServiceServicer_to_server,
-                    WorkerServicer(service),
-                    SERVICE_NAME,
-                )
-            ],
-            listen="127.0.0.1:0",
-            metrics_listen="127.0.0.1:0",
-            registry=registry,
-        )
-        running.on_stop(service.close)
-        await running.set_serving()
-        holder.update(running=running, service=service)
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(start())
-        except BaseException as exc:
-            holder["error"] = exc
-        ready.set()
-        if "running" in holder:
-            loop.run_forever()
-
-    thread = threading.Thread(target=run, name="worker-test-server", daemon=True)
-    thread.start()
-    if not ready.wait(30):
-        raise TimeoutError("worker server did not start within 30 s")
-    if "error" in holder:
-        raise RuntimeError("worker server failed to start") from holder["error"]
-    running: RunningServer = holder["running"]
-    try:
+    with serve_worker(engine, engine_name=engine_name, queue_size=queue_size) as (running, svc):
         assert running.metrics_port is not None
-        yield WorkerServer(
-            f"127.0.0.1:{running.port}", running.metrics_port, holder["service"], engine
-        )
-    finally:
-        asyncio.run_coroutine_threadsafe(running.stop(1.0), loop).result(timeout=30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=30)
-        loop.close()
+        yield WorkerServer(f"127.0.0.1:{running.port}", running.metrics_port, svc, engine)
 
 
 @pytest.fixture
