@@ -643,16 +643,23 @@ class BenchResult:
     workdir: Path
 
 
+@contextmanager
+def bench_workdir(prefix: str, parent: Path | None, *, keep: bool) -> Iterator[Path]:
+    """A fresh work directory (under `parent` when given), removed afterwards unless `keep`."""
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield workdir
+    finally:
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 def run_benchmark(config: BenchConfig) -> BenchResult:
     """Populate both stores, measure every operation, and return the table's rows."""
-    if config.workdir is not None:
-        config.workdir.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="rbee-bench-catalog-", dir=config.workdir))
-    try:
+    with bench_workdir("rbee-bench-catalog-", config.workdir, keep=config.keep) as workdir:
         return _run(config, workdir)
-    finally:
-        if not config.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _run(config: BenchConfig, workdir: Path) -> BenchResult:

@@ -51,13 +51,11 @@ import importlib.util
 import json
 import os
 import platform
-import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -70,7 +68,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llama_cpp import Llama
 from llama_cpp.llama_grammar import LlamaGrammar
 
-from bench.catalog import percentile
+from bench.catalog import bench_workdir, percentile
 from rbee.worker.v1 import generation_pb2 as gen_pb
 from rbee.worker.v1 import load_pb2 as load_pb
 from rbee.worker.v1 import worker_pb2 as worker_pb
@@ -566,14 +564,8 @@ class BenchResult:
 
 def run_benchmark(config: BenchConfig) -> BenchResult:
     """Write the model, start the worker and the llama server, run every path interleaved."""
-    if config.workdir is not None:
-        config.workdir.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="rbee-bench-stream-", dir=config.workdir))
-    try:
+    with bench_workdir("rbee-bench-stream-", config.workdir, keep=config.keep) as workdir:
         return _run(config, workdir)
-    finally:
-        if not config.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _run(config: BenchConfig, workdir: Path) -> BenchResult:

@@ -6,9 +6,8 @@ checked for completeness by the unit tests, so a value added on either side cann
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -35,9 +34,8 @@ from services.catalog.domain import (
     WorkerType,
 )
 from services.catalog.service import CompatibilityRequest, ModelDraft, ModelPatch
+from services.common.enum_mapping import enum_from_pb, inverse
 from services.common.errors import InvalidArgument
-
-E = TypeVar("E")
 
 FORMAT_TO_PB = {
     ModelFormat.GGUF: pb.MODEL_FORMAT_GGUF,
@@ -101,27 +99,12 @@ KV_TYPE_TO_PB = {
 }
 
 
-def _inverse(table: Mapping[E, int]) -> dict[int, E]:
-    return {int(v): k for k, v in table.items()}
-
-
-SOURCE_KIND_FROM_PB = _inverse(SOURCE_KIND_TO_PB)
-STATE_FROM_PB = _inverse(STATE_TO_PB)
-FORMAT_FROM_PB = _inverse(FORMAT_TO_PB)
-MODEL_TYPE_FROM_PB = _inverse(MODEL_TYPE_TO_PB)
-DEVICE_KIND_FROM_PB = _inverse(DEVICE_KIND_TO_PB)
-KV_TYPE_FROM_PB = _inverse(KV_TYPE_TO_PB)
-
-
-def _enum_from_pb(table: dict[int, E], value: int, field: str, *, default: E | None = None) -> E:
-    if value == 0 and default is not None:
-        return default
-    try:
-        return table[value]
-    except KeyError:
-        raise InvalidArgument.for_field(
-            field, f"unknown or unset value {value}; set one of the documented values"
-        ) from None
+SOURCE_KIND_FROM_PB = inverse(SOURCE_KIND_TO_PB)
+STATE_FROM_PB = inverse(STATE_TO_PB)
+FORMAT_FROM_PB = inverse(FORMAT_TO_PB)
+MODEL_TYPE_FROM_PB = inverse(MODEL_TYPE_TO_PB)
+DEVICE_KIND_FROM_PB = inverse(DEVICE_KIND_TO_PB)
+KV_TYPE_FROM_PB = inverse(KV_TYPE_TO_PB)
 
 
 def timestamp_to_pb(moment: datetime) -> Timestamp:
@@ -167,7 +150,7 @@ def _fill_source(msg: pb.ModelSource, source: ModelSource) -> None:
 
 def source_from_pb(msg: pb.ModelSource) -> ModelSource:
     return ModelSource(
-        kind=_enum_from_pb(SOURCE_KIND_FROM_PB, msg.kind, "model.source.kind"),
+        kind=enum_from_pb(SOURCE_KIND_FROM_PB, msg.kind, "model.source.kind"),
         repo=msg.repo or None,
         revision=msg.revision or None,
         commit=msg.commit or None,
@@ -251,8 +234,8 @@ def metadata_from_pb(msg: pb.ModelMetadata) -> ModelMetadata:
         field: getattr(msg, field) for field in _OPTIONAL_METADATA_FIELDS if has_field(field)
     }
     return ModelMetadata(
-        format=_enum_from_pb(FORMAT_FROM_PB, msg.format, "metadata.format"),
-        model_type=_enum_from_pb(
+        format=enum_from_pb(FORMAT_FROM_PB, msg.format, "metadata.format"),
+        model_type=enum_from_pb(
             MODEL_TYPE_FROM_PB, msg.model_type, "metadata.model_type", default=ModelType.UNKNOWN
         ),
         needs_components=list(msg.needs_components),
@@ -428,7 +411,7 @@ def device_from_pb(msg: device_pb2.Device) -> Device:
         return int(getattr(msg, field)) if msg.HasField(field) else None  # type: ignore[arg-type]
 
     return Device(
-        kind=_enum_from_pb(DEVICE_KIND_FROM_PB, msg.kind, "device.kind"),
+        kind=enum_from_pb(DEVICE_KIND_FROM_PB, msg.kind, "device.kind"),
         name=msg.display_name or msg.name,
         total_ram_bytes=opt("total_ram_bytes"),
         free_ram_bytes=opt("free_ram_bytes"),
@@ -478,7 +461,7 @@ def compatibility_request_from_pb(msg: pb.EvaluateCompatibilityRequest) -> Compa
         worker_types=tuple(msg.worker_types),
         device=device_from_pb(msg.device) if msg.HasField("device") else None,
         context_length=msg.context_length or None,
-        kv_cache_type=_enum_from_pb(
+        kv_cache_type=enum_from_pb(
             KV_TYPE_FROM_PB, msg.kv_cache_type, "kv_cache_type", default=KvCacheType.F16
         ),
         gpu_layers=None if gpu_layers == -1 else gpu_layers,
@@ -487,8 +470,8 @@ def compatibility_request_from_pb(msg: pb.EvaluateCompatibilityRequest) -> Compa
 
 # ---- the reverse direction, for clients (the SDK returns domain types) ------------------------
 
-VERDICT_FROM_PB = _inverse(VERDICT_TO_PB)
-BACKEND_FROM_PB = _inverse(BACKEND_TO_PB)
+VERDICT_FROM_PB = inverse(VERDICT_TO_PB)
+BACKEND_FROM_PB = inverse(BACKEND_TO_PB)
 
 
 def model_from_pb(msg: pb.Model) -> Model:
@@ -501,7 +484,7 @@ def model_from_pb(msg: pb.Model) -> Model:
         paths=list(msg.paths),
         size_bytes=msg.size_bytes,
         sha256=msg.sha256 or None,
-        state=_enum_from_pb(STATE_FROM_PB, msg.state, "model.state"),
+        state=enum_from_pb(STATE_FROM_PB, msg.state, "model.state"),
         state_message=msg.state_message,
         metadata=metadata_from_pb(msg.metadata) if msg.HasField("metadata") else None,
         labels=dict(msg.labels),
@@ -533,14 +516,14 @@ def worker_type_from_pb(msg: pb.WorkerType) -> WorkerType:
         id=parse_resource_name(msg.name, "worker-types"),
         display_name=msg.display_name,
         description=msg.description,
-        backend=_enum_from_pb(BACKEND_FROM_PB, msg.backend, "backend"),
-        device_kind=_enum_from_pb(DEVICE_KIND_FROM_PB, msg.device_kind, "device_kind"),
+        backend=enum_from_pb(BACKEND_FROM_PB, msg.backend, "backend"),
+        device_kind=enum_from_pb(DEVICE_KIND_FROM_PB, msg.device_kind, "device_kind"),
         platforms=list(msg.platforms),
         cpu_architectures=list(msg.cpu_architectures),
-        formats=[_enum_from_pb(FORMAT_FROM_PB, f, "formats") for f in msg.formats],
-        model_types=[_enum_from_pb(MODEL_TYPE_FROM_PB, t, "model_types") for t in msg.model_types],
+        formats=[enum_from_pb(FORMAT_FROM_PB, f, "formats") for f in msg.formats],
+        model_types=[enum_from_pb(MODEL_TYPE_FROM_PB, t, "model_types") for t in msg.model_types],
         addon_model_types=[
-            _enum_from_pb(MODEL_TYPE_FROM_PB, t, "addon_model_types") for t in msg.addon_model_types
+            enum_from_pb(MODEL_TYPE_FROM_PB, t, "addon_model_types") for t in msg.addon_model_types
         ],
         families=list(msg.families),
         llm_architectures=list(msg.llm_architectures),
@@ -568,7 +551,7 @@ def device_to_pb(device: Device) -> device_pb2.Device:
 def memory_from_pb(msg: pb.MemoryEstimate) -> MemoryEstimate:
     return MemoryEstimate(
         context_length=msg.context_length,
-        kv_cache_type=_enum_from_pb(
+        kv_cache_type=enum_from_pb(
             KV_TYPE_FROM_PB, msg.kv_cache_type, "kv_cache_type", default=KvCacheType.F16
         ),
         weights_bytes=msg.weights_bytes,
@@ -590,7 +573,7 @@ def memory_from_pb(msg: pb.MemoryEstimate) -> MemoryEstimate:
 def compat_result_from_pb(msg: pb.CompatibilityResult) -> CompatibilityResult:
     return CompatibilityResult(
         worker_type=msg.worker_type.removeprefix("worker-types/"),
-        verdict=_enum_from_pb(VERDICT_FROM_PB, msg.verdict, "verdict"),
+        verdict=enum_from_pb(VERDICT_FROM_PB, msg.verdict, "verdict"),
         reasons=list(msg.reasons),
         memory=memory_from_pb(msg.memory) if msg.HasField("memory") else None,
     )

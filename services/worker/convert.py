@@ -15,9 +15,7 @@ second prompts, guidance rescale, CLIP skip, eta, catalog LoRAs and non-PNG outp
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from datetime import datetime
-from typing import TypeVar
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -33,6 +31,7 @@ from services.catalog.convert import (
     KV_TYPE_TO_PB,
 )
 from services.catalog.domain import DeviceKind, KvCacheType
+from services.common.enum_mapping import enum_from_pb, inverse
 from services.common.errors import InvalidArgument
 from services.worker.engines.base import (
     ChatMessage,
@@ -68,8 +67,6 @@ from services.worker.service import (
     WorkerState,
 )
 
-E = TypeVar("E")
-
 WORKER_STATE_TO_PB = {
     WorkerState.IDLE: pb.WORKER_STATE_IDLE,
     WorkerState.LOADING: pb.WORKER_STATE_LOADING,
@@ -99,23 +96,10 @@ CHAT_ROLE_TO_PB = {
 }
 
 
-def _inverse(table: Mapping[E, int]) -> dict[int, E]:
-    return {int(v): k for k, v in table.items()}
-
-
-WORKER_STATE_FROM_PB = _inverse(WORKER_STATE_TO_PB)
-LOAD_STAGE_FROM_PB = _inverse(LOAD_STAGE_TO_PB)
-FINISH_REASON_FROM_PB = _inverse(FINISH_REASON_TO_PB)
-CHAT_ROLE_FROM_PB = _inverse(CHAT_ROLE_TO_PB)
-
-
-def _enum_from_pb(table: dict[int, E], value: int, field: str) -> E:
-    try:
-        return table[value]
-    except KeyError:
-        raise InvalidArgument.for_field(
-            field, f"unknown or unset value {value}; set one of the documented values"
-        ) from None
+WORKER_STATE_FROM_PB = inverse(WORKER_STATE_TO_PB)
+LOAD_STAGE_FROM_PB = inverse(LOAD_STAGE_TO_PB)
+FINISH_REASON_FROM_PB = inverse(FINISH_REASON_TO_PB)
+CHAT_ROLE_FROM_PB = inverse(CHAT_ROLE_TO_PB)
 
 
 # ---- durations and timestamps (hot path: set the fields, skip the helper methods) ----------
@@ -167,7 +151,7 @@ def llm_load_options_from_pb(
     kv = (
         KvCacheType.F16
         if msg.kv_cache_type == 0
-        else _enum_from_pb(KV_TYPE_FROM_PB, msg.kv_cache_type, "llm.kv_cache_type")
+        else enum_from_pb(KV_TYPE_FROM_PB, msg.kv_cache_type, "llm.kv_cache_type")
     )
     if msg.flash_attention not in load_pb2.FlashAttention.values():
         raise InvalidArgument.for_field("llm.flash_attention", "unknown value")
@@ -301,7 +285,7 @@ def load_progress_to_pb(event: LoadProgressEvent) -> pb.LoadModelResponse:
 
 def load_progress_from_pb(msg: pb.LoadProgress) -> LoadProgressEvent:
     return LoadProgressEvent(
-        stage=_enum_from_pb(LOAD_STAGE_FROM_PB, msg.stage, "stage"),
+        stage=enum_from_pb(LOAD_STAGE_FROM_PB, msg.stage, "stage"),
         fraction=msg.fraction if msg.HasField("fraction") else None,
         message=msg.message,
         elapsed_s=duration_from_pb(msg.elapsed),
@@ -477,7 +461,7 @@ def generate_request_to_pb(request: GenerationRequest) -> gen_pb.GenerateRequest
 def chat_message_from_pb(msg: gen_pb.ChatMessage, index: int) -> ChatMessage:
     if msg.tool_calls or msg.tool_call_id:
         raise _refuse(f"messages[{index}].tool_calls", "tool calling")
-    role = _enum_from_pb(CHAT_ROLE_FROM_PB, msg.role, f"messages[{index}].role")
+    role = enum_from_pb(CHAT_ROLE_FROM_PB, msg.role, f"messages[{index}].role")
     return ChatMessage(role=role, content=msg.content)
 
 
@@ -558,7 +542,7 @@ def stream_event_from_pb(msg: gen_pb.GenerateResponse) -> StreamEvent:
     timings = out.timings
     return CompletedGeneration(
         result=GenerationResult(
-            finish_reason=_enum_from_pb(FINISH_REASON_FROM_PB, out.finish_reason, "finish_reason"),
+            finish_reason=enum_from_pb(FINISH_REASON_FROM_PB, out.finish_reason, "finish_reason"),
             stop_sequence=out.stop_sequence,
             prompt_tokens=out.usage.prompt_tokens,
             cached_prompt_tokens=out.usage.cached_prompt_tokens,

@@ -8,6 +8,9 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from prometheus_client import CollectorRegistry
 
 from rbee.worker.v1 import worker_pb2_grpc
@@ -24,6 +27,18 @@ from services.worker.servicer import WorkerServicer
 T = TypeVar("T")
 
 START_TIMEOUT_S = 30.0
+
+
+def error_reason(err: grpc.RpcError) -> str:
+    """The ErrorInfo reason of a failed call (the server always attaches one)."""
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None, "rich status details missing"
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return str(info.reason)
+    raise AssertionError("no ErrorInfo in the status")
 
 
 @contextmanager

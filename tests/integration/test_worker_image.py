@@ -15,8 +15,6 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
@@ -31,7 +29,7 @@ from services.worker.engines.fake import FakeEngine
 from services.worker.engines.image_base import ImageEngine
 from services.worker.service import WorkerService
 from tests.fixtures.sd_models import tiny_sd_pipeline_under
-from tests.integration.server_harness import serve_worker
+from tests.integration.server_harness import error_reason, serve_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.sd]
 
@@ -95,17 +93,6 @@ def worker(sd_folder: Path) -> Iterator[ImageWorker]:
 def stub(worker: ImageWorker) -> Iterator[worker_pb2_grpc.WorkerServiceStub]:
     with grpc.insecure_channel(worker.address) as channel:
         yield worker_pb2_grpc.WorkerServiceStub(channel)
-
-
-def error_reason(err: grpc.RpcError) -> str:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None, "rich status details missing"
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return str(info.reason)
-    raise AssertionError("no ErrorInfo in the status")
 
 
 def imagine(

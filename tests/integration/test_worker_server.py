@@ -16,9 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 
 from rbee.worker.v1 import generation_pb2 as gen_pb
 from rbee.worker.v1 import image_pb2, load_pb2, worker_pb2_grpc
@@ -28,7 +26,7 @@ from services.worker.engines.fake import FakeEngine
 from services.worker.service import WorkerService
 from services.worker.servicer import SERVICE_NAME
 from tests.fixtures.gguf_models import write_tiny_llama_gguf
-from tests.integration.server_harness import serve_worker
+from tests.integration.server_harness import error_reason, serve_worker
 
 pytestmark = pytest.mark.integration
 
@@ -77,17 +75,6 @@ def server(fake: FakeEngine) -> Iterator[WorkerServer]:
 def stub(server: WorkerServer) -> Iterator[worker_pb2_grpc.WorkerServiceStub]:
     with grpc.insecure_channel(server.address) as channel:
         yield worker_pb2_grpc.WorkerServiceStub(channel)
-
-
-def error_reason(err: grpc.RpcError) -> str:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None, "rich status details missing"
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return str(info.reason)
-    raise AssertionError("no ErrorInfo in the status")
 
 
 def load(
