@@ -97,10 +97,15 @@ OptionalHostPort = Annotated[HostPort | None, BeforeValidator(_empty_to_none)]
 
 
 class _SharedEnvSource(PydanticBaseSettingsSource):
-    """Hive-wide variables (RBEE_HOME, ...) as a fallback below the service-prefixed ones."""
+    """Hive-wide variables (RBEE_HOME, ...) as a fallback below the service-prefixed ones.
+
+    A service adds its own unprefixed fallbacks (HF_TOKEN, ...) with a `fallback_env_vars`
+    class attribute that extends SHARED_ENV_VARS.
+    """
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        env_name = SHARED_ENV_VARS.get(field_name)
+        fallbacks: dict[str, str] = getattr(self.settings_cls, "fallback_env_vars", SHARED_ENV_VARS)
+        env_name = fallbacks.get(field_name)
         if env_name is None:
             return None, field_name, False
         return os.environ.get(env_name), field_name, False

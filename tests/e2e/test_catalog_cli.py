@@ -6,33 +6,22 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.e2e.processes import BIN, free_port, wait_healthy
 from tests.fixtures.gguf_models import LLAMA3_8B, write_header_only_gguf, write_tiny_llama_gguf
 from tests.fixtures.safetensors_models import sdxl_tensors, write_header_only_safetensors
 
 pytestmark = pytest.mark.e2e
 
-BIN = Path(sys.executable).parent
 RBEE = str(BIN / "rbee")
 RBEE_CATALOG = str(BIN / "rbee-catalog")
 WORKER_TYPES = {"cpu-llm", "cuda-llm", "metal-llm", "cpu-sd", "cuda-sd", "metal-sd"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_rbee(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -120,26 +109,9 @@ class Catalog:
     stderr_path: Path
 
 
-def _wait_healthy(address: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise AssertionError(f"rbee-catalog exited early with {process.returncode}")
-            try:
-                resp = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise AssertionError(f"rbee-catalog not SERVING within {timeout} s")
-
-
 @pytest.fixture
 def catalog(tmp_path: Path) -> Iterator[Catalog]:
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     env = {
         "RBEE_HOME": str(tmp_path / "home"),
         "RBEE_CATALOG_LISTEN": f"127.0.0.1:{port}",
@@ -152,7 +124,7 @@ def catalog(tmp_path: Path) -> Iterator[Catalog]:
             [RBEE_CATALOG], env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=stderr
         )
     try:
-        _wait_healthy(f"127.0.0.1:{port}", process)
+        wait_healthy(f"127.0.0.1:{port}", process, name="rbee-catalog", timeout=30)
         yield Catalog(process, f"127.0.0.1:{port}", metrics_port, env, stderr_path)
     finally:
         if process.poll() is None:
@@ -213,7 +185,7 @@ def test_catalog_service_through_the_cli(catalog: Catalog, tmp_path: Path) -> No
 
 def test_cli_reports_an_unreachable_catalog() -> None:
     result = run_rbee(
-        "models", "ls", "--timeout", "2", env={"RBEE_CATALOG_ADDR": f"127.0.0.1:{_free_port()}"}
+        "models", "ls", "--timeout", "2", env={"RBEE_CATALOG_ADDR": f"127.0.0.1:{free_port()}"}
     )
     assert result.returncode == 3
     assert "rbee serve catalog" in result.stderr and "Traceback" not in result.stderr

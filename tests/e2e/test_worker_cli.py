@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,16 +14,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rbee.worker.v1 import generation_pb2 as gen_pb
 from rbee.worker.v1 import worker_pb2 as pb
 from rbee.worker.v1 import worker_pb2_grpc
+from tests.e2e.processes import BIN, free_port, wait_healthy
 from tests.fixtures.gguf_models import write_tiny_llama_gguf
 
 pytestmark = pytest.mark.e2e
 
-BIN = Path(sys.executable).parent
 RBEE_WORKER = BIN / "rbee-worker"
 # The console script once the distribution is (re)installed; the module until then.
 WORKER_COMMAND = (
@@ -35,12 +32,6 @@ RPC_TIMEOUT = 10
 # Far more tokens than the tiny model generates in the time the test takes to send SIGTERM
 # (its trained context is 256; llama.cpp runs it with a longer one, output is noise).
 LONG_CONTEXT = 65536
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -55,28 +46,14 @@ class Worker:
 
 
 def _wait_healthy(worker: Worker, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(worker.address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if worker.process.poll() is not None:
-                raise AssertionError(
-                    f"rbee-worker exited early with {worker.process.returncode}:\n"
-                    + worker.stderr()
-                )
-            try:
-                resp = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise AssertionError(f"rbee-worker not SERVING within {timeout} s:\n" + worker.stderr())
+    wait_healthy(
+        worker.address, worker.process, name="rbee-worker", timeout=timeout, stderr=worker.stderr
+    )
 
 
 def start_worker(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Worker:
     """Start rbee-worker on free ports with `args`; the caller stops it."""
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     stderr_path = tmp_path / f"worker-{port}.stderr"
     with stderr_path.open("wb") as stderr:
         process = subprocess.Popen(

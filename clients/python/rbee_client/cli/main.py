@@ -359,6 +359,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from services.catalog.__main__ import main as catalog_main
 
         return catalog_main([])
+    if args.service == "provisioner":
+        from services.provisioner.__main__ import main as provisioner_main
+
+        return provisioner_main([])
     raise CliError(f"unknown service {args.service!r}", code=EXIT_USAGE)
 
 
@@ -459,10 +463,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_worker_types)
 
+    from rbee_client.cli.pull import add_commands as add_provisioner_commands
+
+    add_provisioner_commands(sub, common)
+
     p = sub.add_parser("serve", help="run a service in the foreground")
-    p.add_argument("service", choices=("catalog",))
+    p.add_argument("service", choices=("catalog", "provisioner"))
     p.set_defaults(func=cmd_serve)
     return parser
+
+
+def _unreachable_hint(args: argparse.Namespace) -> str:
+    if hasattr(args, "provisioner"):
+        return (
+            "is the provisioner running? start it with `rbee serve provisioner` "
+            f"(address {args.provisioner})"
+        )
+    return (
+        "is the service running? start it with `rbee serve catalog` "
+        f"(address {getattr(args, 'catalog', '')})"
+    )
 
 
 def _report_error(args: argparse.Namespace | None, err: CliError) -> int:
@@ -499,8 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args,
             CliError(
                 str(exc),
-                hint="is the service running? start it with `rbee serve catalog` "
-                f"(address {getattr(args, 'catalog', '')})",
+                hint=_unreachable_hint(args),
                 code=EXIT_UNREACHABLE,
                 reason=exc.reason,
             ),

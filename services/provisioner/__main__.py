@@ -1,0 +1,113 @@
+"""`rbee-provisioner`: settings, logging, pull records, catalog link, service, server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+import sys
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry
+
+from rbee.provisioner.v1 import provisioner_pb2_grpc
+from services.common.logs import configure_logging, log_settings
+from services.common.server import (
+    RunningServer,
+    ServiceBinding,
+    prepare_heap_for_serving,
+    serve_until_signal,
+    start_server,
+)
+from services.provisioner.catalog_link import GrpcCatalogLink
+from services.provisioner.metrics import ProvisionerMetrics
+from services.provisioner.pull_store import PullStore
+from services.provisioner.pulls import PullManager
+from services.provisioner.service import ProvisionerService
+from services.provisioner.servicer import ProvisionerServicer
+from services.provisioner.settings import ProvisionerSettings
+
+logger = logging.getLogger("services.provisioner")
+
+SERVICE_NAME = "rbee.provisioner.v1.ProvisionerService"
+
+
+def build_service(
+    settings: ProvisionerSettings, registry: CollectorRegistry
+) -> tuple[ProvisionerService, GrpcCatalogLink]:
+    """The service with its pull manager and catalog link (not started: `pulls.start()`)."""
+    catalog = GrpcCatalogLink(settings.catalog_address)
+    context = settings.source_context()
+    pulls = PullManager(
+        store=PullStore(settings.pulls_dir),
+        catalog=catalog,
+        context=context,
+        credentials=settings.credentials(),
+        transfer_settings=settings.transfer_settings,
+        max_concurrent=settings.max_concurrent_pulls,
+        resume_on_start=settings.resume_on_start,
+        metrics=ProvisionerMetrics(registry),
+    )
+    return ProvisionerService(pulls=pulls, catalog=catalog, context=context), catalog
+
+
+def pause_pulls_when_stopping(running: RunningServer, pulls: PullManager) -> asyncio.Task[None]:
+    """server.stop(grace) waits for in-flight streams, then cancels them, and a cancelled last
+    watcher would cancel its pull: so the pulls are paused first, as soon as stopping begins."""
+
+    async def pause() -> None:
+        await running.wait_until_stopping()
+        await pulls.close()
+
+    return asyncio.create_task(pause(), name="pause-pulls-on-stop")
+
+
+async def run(settings: ProvisionerSettings) -> None:
+    """Serve until SIGTERM/SIGINT. Stopping pauses running pulls (they resume at next start)."""
+    registry = CollectorRegistry()
+    service, catalog = build_service(settings, registry)
+    pulls = service.pulls
+    running = await start_server(
+        [
+            ServiceBinding(
+                provisioner_pb2_grpc.add_ProvisionerServiceServicer_to_server,
+                ProvisionerServicer(service),
+                SERVICE_NAME,
+            )
+        ],
+        listen=settings.listen,
+        metrics_listen=settings.metrics_listen,
+        registry=registry,
+    )
+    running.on_stop(catalog.close)
+    stop_watch = pause_pulls_when_stopping(running, pulls)
+    await pulls.start()
+    prepare_heap_for_serving()
+    await running.set_serving()
+    logger.info(
+        "provisioner serving on port %d (metrics port %s, catalog %s, HF cache %s, python %s)",
+        running.port,
+        running.metrics_port,
+        settings.catalog_address,
+        settings.hf_cache,
+        platform.python_version(),
+    )
+    try:
+        await serve_until_signal(running, grace=settings.grace_seconds)
+    finally:
+        stop_watch.cancel()
+        await pulls.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = ProvisionerSettings()
+    configure_logging(settings.log_level, settings.log_format)
+    # huggingface_hub's HTTP client logs every request at INFO; ours are logged by the pulls.
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
+    log_settings(logger, settings)
+    asyncio.run(run(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,233 @@
+"""The provisioner's way into the catalog: its RPCs, never its database.
+
+The catalog is the single writer of its database; a pull registers its model DOWNLOADING at
+start and asks for READY (the catalog inspects the files) or FAILED at the end. Errors coming
+back from the catalog are re-raised as our own errors with the same status and reason, so a
+pull that fails at registration ends its stream with the catalog's explanation.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+import grpc
+from google.protobuf import field_mask_pb2
+
+from rbee.catalog.v1 import catalog_pb2 as pb
+from rbee.catalog.v1 import catalog_pb2_grpc
+from rbee_client.errors import RbeeClientError, error_from_rpc
+from services.catalog import convert
+from services.catalog.domain import (
+    CompatibilityResult,
+    Device,
+    Model,
+    ModelMetadata,
+    ModelSource,
+    ModelState,
+)
+from services.common.errors import (
+    Aborted,
+    AlreadyExists,
+    Cancelled,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    RbeeError,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+
+CATALOG_DEADLINE = 120.0  # registration inspects the files (headers only, but a cold disk)
+
+
+class CatalogLink(abc.ABC):
+    """What the provisioner asks of the catalog."""
+
+    @abc.abstractmethod
+    async def get_model(self, name: str) -> Model | None: ...
+
+    @abc.abstractmethod
+    async def create_model(
+        self,
+        *,
+        model_id: str,
+        source: ModelSource,
+        paths: Sequence[str],
+        state: ModelState,
+        display_name: str = "",
+        labels: dict[str, str] | None = None,
+        state_message: str = "",
+        validate_only: bool = False,
+    ) -> Model:
+        """Create the model; AlreadyExists carries the existing model's name."""
+
+    @abc.abstractmethod
+    async def update_model(
+        self,
+        name: str,
+        *,
+        state: ModelState,
+        state_message: str = "",
+        paths: Sequence[str] | None = None,
+        size_bytes: int | None = None,
+        sha256: str | None = None,
+        source: ModelSource | None = None,
+    ) -> Model: ...
+
+    @abc.abstractmethod
+    async def evaluate(
+        self, metadata: ModelMetadata, device: Device | None, context_length: int
+    ) -> list[CompatibilityResult]: ...
+
+    async def close(self) -> None:
+        return None
+
+
+def _as_rbee_error(err: RbeeClientError, what: str) -> RbeeError:
+    """A catalog status, re-raised as ours (same code, reason and resource)."""
+    message = f"catalog: {err.message}" if what else err.message
+    reason = err.reason or None
+    code = err.code
+    if code in ("INVALID_ARGUMENT", "OUT_OF_RANGE"):
+        return InvalidArgument(message, reason=reason)
+    if code == "NOT_FOUND":
+        return NotFound(
+            message,
+            resource_type=err.resource_type or "model",
+            resource_name=err.resource_name,
+            reason=reason,
+        )
+    if code == "ALREADY_EXISTS":
+        return AlreadyExists(
+            message,
+            resource_type=err.resource_type or "model",
+            resource_name=err.resource_name,
+            reason=reason,
+        )
+    if code == "FAILED_PRECONDITION":
+        return FailedPrecondition(message, reason=reason)
+    if code == "PERMISSION_DENIED":
+        return PermissionDenied(message, reason=reason)
+    if code == "UNAUTHENTICATED":
+        return Unauthenticated(message, reason=reason)
+    if code == "RESOURCE_EXHAUSTED":
+        return ResourceExhausted(message, reason=reason)
+    if code == "ABORTED":
+        return Aborted(message, reason=reason)
+    if code == "CANCELLED":
+        return Cancelled(message, reason=reason)
+    if code == "DATA_LOSS":
+        return DataLoss(message, reason=reason)
+    return Unavailable(
+        f"the catalog cannot be reached or failed ({code}): {err.message}",
+        reason="DEPENDENCY_UNAVAILABLE",
+    )
+
+
+class GrpcCatalogLink(CatalogLink):
+    """The catalog over gRPC (one aio channel for the provisioner's life)."""
+
+    def __init__(self, address: str, *, deadline: float = CATALOG_DEADLINE) -> None:
+        self._channel = grpc.aio.insecure_channel(address)
+        self._stub = catalog_pb2_grpc.CatalogServiceStub(self._channel)
+        self._deadline = deadline
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def get_model(self, name: str) -> Model | None:
+        try:
+            msg = await self._stub.GetModel(pb.GetModelRequest(name=name), timeout=self._deadline)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise _as_rbee_error(error_from_rpc(exc), "get") from None
+        return convert.model_from_pb(msg)
+
+    async def create_model(
+        self,
+        *,
+        model_id: str,
+        source: ModelSource,
+        paths: Sequence[str],
+        state: ModelState,
+        display_name: str = "",
+        labels: dict[str, str] | None = None,
+        state_message: str = "",
+        validate_only: bool = False,
+    ) -> Model:
+        model = pb.Model(
+            display_name=display_name,
+            source=convert.source_to_pb(source),
+            paths=list(paths),
+            state=_STATE_TO_PB[state],
+            state_message=state_message,
+            labels=labels or {},
+        )
+        try:
+            msg = await self._stub.CreateModel(
+                pb.CreateModelRequest(model_id=model_id, model=model, validate_only=validate_only),
+                timeout=self._deadline,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _as_rbee_error(error_from_rpc(exc), "create") from None
+        return convert.model_from_pb(msg)
+
+    async def update_model(
+        self,
+        name: str,
+        *,
+        state: ModelState,
+        state_message: str = "",
+        paths: Sequence[str] | None = None,
+        size_bytes: int | None = None,
+        sha256: str | None = None,
+        source: ModelSource | None = None,
+    ) -> Model:
+        model = pb.Model(name=name, state=_STATE_TO_PB[state], state_message=state_message)
+        mask = ["state", "state_message"]
+        if paths is not None:
+            model.paths.extend(paths)
+            mask.append("paths")
+        if size_bytes is not None:
+            model.size_bytes = size_bytes
+            mask.append("size_bytes")
+        if sha256 is not None:
+            model.sha256 = sha256
+            mask.append("sha256")
+        if source is not None:
+            model.source.CopyFrom(convert.source_to_pb(source))
+            mask.append("source")
+        request = pb.UpdateModelRequest(
+            model=model, update_mask=field_mask_pb2.FieldMask(paths=mask)
+        )
+        try:
+            msg = await self._stub.UpdateModel(request, timeout=self._deadline)
+        except grpc.aio.AioRpcError as exc:
+            raise _as_rbee_error(error_from_rpc(exc), "update") from None
+        return convert.model_from_pb(msg)
+
+    async def evaluate(
+        self, metadata: ModelMetadata, device: Device | None, context_length: int
+    ) -> list[CompatibilityResult]:
+        request = pb.EvaluateCompatibilityRequest(
+            metadata=convert.metadata_to_pb(metadata), context_length=context_length
+        )
+        if device is not None:
+            request.device.CopyFrom(convert.device_to_pb(device))
+        try:
+            msg = await self._stub.EvaluateCompatibility(request, timeout=self._deadline)
+        except grpc.aio.AioRpcError as exc:
+            raise _as_rbee_error(error_from_rpc(exc), "evaluate") from None
+        return [convert.compat_result_from_pb(r) for r in msg.results]
+
+
+_STATE_TO_PB = {
+    ModelState.DOWNLOADING: pb.MODEL_STATE_DOWNLOADING,
+    ModelState.READY: pb.MODEL_STATE_READY,
+    ModelState.FAILED: pb.MODEL_STATE_FAILED,
+}

@@ -1,0 +1,192 @@
+"""rbee.provisioner.v1.ProvisionerService over gRPC: convert, call the domain service, convert.
+
+Errors are raised as domain exceptions; the server's one interceptor turns them into statuses.
+Streams are closed explicitly (`aclosing`): when a caller goes away, gRPC cancels this handler,
+and closing the pull stream is what tells the pull that a watcher left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from google.protobuf.empty_pb2 import Empty
+
+from rbee.provisioner.v1 import provisioner_pb2 as pb
+from rbee.provisioner.v1 import provisioner_pb2_grpc
+from services.catalog import convert as catalog_convert
+from services.catalog.domain import Model
+from services.common.errors import InvalidArgument, Unimplemented
+from services.provisioner import convert
+from services.provisioner.pulls import PullItem
+from services.provisioner.service import ProvisionerService
+
+Context = Any  # grpc.aio.ServicerContext; the domain never sees it
+
+_NOT_YET = (
+    "{rpc} is not implemented by this provisioner version; worker backends and page-cache "
+    "preloading are not available here yet"
+)
+
+
+async def _relay(stream: AsyncIterator[PullItem]) -> AsyncIterator[pb.PullModelResponse]:
+    async with contextlib.aclosing(stream):  # type: ignore[type-var]
+        async for item in stream:
+            if isinstance(item, Model):
+                yield convert.pull_model_to_pb(item)
+            else:
+                yield convert.pull_event_to_pb(item)
+
+
+def _required_source(source: str) -> str:
+    if not source.strip():
+        raise InvalidArgument.for_field(
+            "source",
+            "a source is required: hf:ORG/REPO[:FILE][@REVISION], civitai:VERSION_ID, "
+            "https://..., or file:PATH",
+            reason="INVALID_SOURCE",
+        )
+    return source
+
+
+class ProvisionerServicer(provisioner_pb2_grpc.ProvisionerServiceServicer):
+    """Thin adapter from protobuf to ProvisionerService."""
+
+    def __init__(self, service: ProvisionerService) -> None:
+        self._service = service
+
+    async def PullModel(
+        self, request: pb.PullModelRequest, context: Context
+    ) -> AsyncIterator[pb.PullModelResponse]:
+        stream = await self._service.pull(
+            _required_source(request.source),
+            convert.pull_options_from_pb(request.options),
+            request.pull_id,
+        )
+        async for msg in _relay(stream):
+            yield msg
+
+    async def GetPull(self, request: pb.GetPullRequest, context: Context) -> pb.Pull:
+        return convert.pull_to_pb(self._service.pulls.get(request.name))
+
+    async def ListPulls(
+        self, request: pb.ListPullsRequest, context: Context
+    ) -> pb.ListPullsResponse:
+        records, token, total = self._service.pulls.list_pulls(
+            filter_text=request.filter, page_size=request.page_size, page_token=request.page_token
+        )
+        return pb.ListPullsResponse(
+            pulls=[convert.pull_to_pb(r) for r in records], next_page_token=token, total_size=total
+        )
+
+    async def WatchPull(
+        self, request: pb.WatchPullRequest, context: Context
+    ) -> AsyncIterator[pb.PullModelResponse]:
+        async for msg in _relay(await self._service.pulls.watch(request.name)):
+            yield msg
+
+    async def CancelPull(self, request: pb.CancelPullRequest, context: Context) -> pb.Pull:
+        record = await self._service.pulls.cancel(
+            request.name, discard_partial=request.discard_partial
+        )
+        return convert.pull_to_pb(record)
+
+    async def ResumePull(
+        self, request: pb.ResumePullRequest, context: Context
+    ) -> AsyncIterator[pb.PullModelResponse]:
+        async for msg in _relay(await self._service.pulls.resume(request.name)):
+            yield msg
+
+    async def DeletePull(self, request: pb.DeletePullRequest, context: Context) -> Empty:
+        await self._service.pulls.delete(
+            request.name,
+            etag=request.etag,
+            force=request.force,
+            allow_missing=request.allow_missing,
+        )
+        return Empty()
+
+    async def ResolveSource(
+        self, request: pb.ResolveSourceRequest, context: Context
+    ) -> pb.ResolveSourceResponse:
+        resolved = await self._service.resolve_source(
+            _required_source(request.source), convert.pull_options_from_pb(request.options)
+        )
+        return convert.resolution_to_pb(
+            resolved.resolution,
+            model_id=resolved.model_id,
+            existing_model=resolved.existing_model,
+        )
+
+    async def InspectRemote(
+        self, request: pb.InspectRemoteRequest, context: Context
+    ) -> pb.InspectRemoteResponse:
+        devices = [catalog_convert.device_from_pb(d) for d in request.devices]
+        report = await self._service.inspect_remote(
+            _required_source(request.source),
+            convert.pull_options_from_pb(request.options),
+            devices,
+            request.context_length,
+        )
+        response = pb.InspectRemoteResponse(
+            resolution=convert.resolution_to_pb(
+                report.resolved.resolution,
+                model_id=report.resolved.model_id,
+                existing_model=report.resolved.existing_model,
+            ),
+            metadata=catalog_convert.metadata_to_pb(report.metadata),
+            bytes_read=report.bytes_read,
+        )
+        for verdicts in report.compatibility:
+            response.compatibility.append(
+                pb.DeviceCompatibility(
+                    device=catalog_convert.device_to_pb(verdicts.device),
+                    results=[catalog_convert.compat_result_to_pb(r) for r in verdicts.results],
+                )
+            )
+        return response
+
+    async def SearchModels(
+        self, request: pb.SearchModelsRequest, context: Context
+    ) -> pb.SearchModelsResponse:
+        page = await self._service.search(convert.search_query_from_pb(request))
+        return convert.search_page_to_pb(page)
+
+    # --- worker backends and preloading: not in this version ----------------------------------
+
+    async def InstallWorker(self, request: Any, context: Context) -> AsyncIterator[Any]:
+        raise Unimplemented(_NOT_YET.format(rpc="InstallWorker"))
+        yield  # pragma: no cover  (makes this a stream handler)
+
+    async def GetInstallJob(self, request: Any, context: Context) -> Any:
+        raise Unimplemented(_NOT_YET.format(rpc="GetInstallJob"))
+
+    async def ListInstallJobs(self, request: Any, context: Context) -> Any:
+        raise Unimplemented(_NOT_YET.format(rpc="ListInstallJobs"))
+
+    async def WatchInstallJob(self, request: Any, context: Context) -> AsyncIterator[Any]:
+        raise Unimplemented(_NOT_YET.format(rpc="WatchInstallJob"))
+        yield  # pragma: no cover
+
+    async def CancelInstallJob(self, request: Any, context: Context) -> Any:
+        raise Unimplemented(_NOT_YET.format(rpc="CancelInstallJob"))
+
+    async def GetRecipe(self, request: Any, context: Context) -> Any:
+        raise Unimplemented(_NOT_YET.format(rpc="GetRecipe"))
+
+    async def ListRecipes(self, request: Any, context: Context) -> Any:
+        raise Unimplemented(_NOT_YET.format(rpc="ListRecipes"))
+
+    async def Preload(self, request: Any, context: Context) -> AsyncIterator[Any]:
+        raise Unimplemented(_NOT_YET.format(rpc="Preload"))
+        yield  # pragma: no cover
+
+    async def GetPreload(self, request: Any, context: Context) -> Any:
+        raise Unimplemented(_NOT_YET.format(rpc="GetPreload"))
+
+    async def ListPreloads(self, request: Any, context: Context) -> Any:
+        raise Unimplemented(_NOT_YET.format(rpc="ListPreloads"))
+
+    async def DeletePreload(self, request: Any, context: Context) -> Any:
+        raise Unimplemented(_NOT_YET.format(rpc="DeletePreload"))

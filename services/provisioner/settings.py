@@ -1,0 +1,133 @@
+"""The provisioner's typed settings: RBEE_PROVISIONER_* variables, with the ecosystem's own
+variables as fallbacks (HF_ENDPOINT, HF_TOKEN, HF_HUB_CACHE, HF_HOME, CIVITAI_API_TOKEN).
+
+Tokens are SecretStr: they render as "**********" in the start-up settings line and reach only
+the HTTP seam (services.provisioner.http), which sends them to the first origin of a request.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import SHARED_ENV_VARS, ServiceSettings
+from services.provisioner.domain import Credentials
+from services.provisioner.sources.context import SourceContext
+from services.provisioner.transfer import TransferSettings
+
+DEFAULT_QUANTIZATION_PREFERENCE = (
+    "Q4_K_M",
+    "Q5_K_M",
+    "Q4_K_S",
+    "Q5_K_S",
+    "Q6_K",
+    "Q8_0",
+    "Q4_0",
+    "IQ4_XS",
+    "Q3_K_M",
+    "F16",
+    "BF16",
+)
+
+
+def _default_hf_cache() -> Path:
+    """HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub (as huggingface_hub)."""
+    home = os.environ.get("HF_HOME")
+    if home:
+        return Path(home).expanduser() / "hub"
+    return Path("~/.cache/huggingface/hub").expanduser()
+
+
+class ProvisionerSettings(ServiceSettings):
+    """Where the provisioner listens, where the catalog is, the upstreams and the transfer."""
+
+    model_config = SettingsConfigDict(env_prefix="RBEE_PROVISIONER_", extra="ignore")
+
+    fallback_env_vars: ClassVar[dict[str, str]] = {
+        **SHARED_ENV_VARS,
+        "hf_endpoint": "HF_ENDPOINT",
+        "hf_token": "HF_TOKEN",
+        "hf_cache": "HF_HUB_CACHE",
+        "civitai_token": "CIVITAI_API_TOKEN",
+    }
+
+    listen: str = "127.0.0.1:50081"
+    metrics_listen: str | None = "127.0.0.1:9481"
+    catalog_address: str = Field(
+        default="127.0.0.1:50061", description="The catalog service this provisioner registers in."
+    )
+
+    hf_endpoint: str = "https://huggingface.co"
+    hf_token: SecretStr | None = None
+    hf_cache: Path = Field(default_factory=_default_hf_cache)
+    civitai_endpoint: str = "https://civitai.com"
+    civitai_token: SecretStr | None = None
+    quantization_preference: tuple[str, ...] = DEFAULT_QUANTIZATION_PREFERENCE
+
+    max_concurrent_pulls: int = Field(default=2, ge=1, le=64)
+    resume_on_start: bool = Field(
+        default=True,
+        description="Restart pulls that a previous run left unfinished (else they stay PAUSED).",
+    )
+    upstream_timeout: float = Field(default=30.0, gt=0)
+    max_retries: int = Field(default=5, ge=0, le=100)
+    stall_timeout: float = Field(default=30.0, gt=0)
+    backoff_initial: float = Field(default=0.5, ge=0)
+    backoff_max: float = Field(default=30.0, ge=0)
+    bandwidth_limit: int = Field(default=0, ge=0, description="Bytes per second; 0: unlimited.")
+
+    @field_validator("hf_endpoint", "civitai_endpoint")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"an endpoint must be an http(s) URL, got {value!r}")
+        return value
+
+    @field_validator("hf_token", "civitai_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("hf_cache")
+    @classmethod
+    def _expand_cache(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def pulls_dir(self) -> Path:
+        return self.home / "provisioner" / "pulls"
+
+    def credentials(self) -> Credentials:
+        return Credentials(hf_token=self.hf_token, civitai_token=self.civitai_token)
+
+    def source_context(self) -> SourceContext:
+        return SourceContext(
+            hf_endpoint=self.hf_endpoint,
+            civitai_endpoint=self.civitai_endpoint,
+            hf_cache=self.hf_cache,
+            models_dir=self.models_dir,
+            credentials=self.credentials(),
+            quantization_preference=self.quantization_preference,
+            timeout=self.upstream_timeout,
+        )
+
+    def transfer_settings(self, bandwidth_limit: int = 0) -> TransferSettings:
+        return TransferSettings(
+            max_retries=self.max_retries,
+            backoff_initial=self.backoff_initial,
+            backoff_max=self.backoff_max,
+            stall_timeout=self.stall_timeout,
+            connect_timeout=self.upstream_timeout,
+            bandwidth_limit=bandwidth_limit or self.bandwidth_limit,
+        )
