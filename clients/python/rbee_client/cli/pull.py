@@ -151,7 +151,11 @@ def _pull_row(p: pb.Pull) -> tuple[Any, ...]:
         p.name,
         state,
         p.source,
-        f"{human_bytes(p.total_bytes.completed_bytes)}/{human_bytes(total) if total else '?'}",
+        (
+            f"{human_bytes(p.total_bytes.completed_bytes)}/{human_bytes(total) if total else '?'}"
+            if p.files
+            else "-"  # nothing to transfer (a local file registered in place)
+        ),
         p.model or "-",
         p.error.message[:60] if p.HasField("error") else p.state_message[:60],
     )
