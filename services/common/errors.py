@@ -206,3 +206,50 @@ class Cancelled(RbeeError):
 class DataLoss(RbeeError):
     kind = StatusKind.DATA_LOSS
     default_reason = "DATA_LOSS"
+
+
+_ERROR_CLASSES: dict[StatusKind, type[RbeeError]] = {
+    cls.kind: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        PermissionDenied,
+        Unauthenticated,
+        ResourceExhausted,
+        Unavailable,
+        Unimplemented,
+        Aborted,
+        Cancelled,
+        DataLoss,
+    )
+}
+
+
+def error_for_status(
+    status: str,
+    message: str,
+    *,
+    reason: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    resource_type: str = "",
+    resource_name: str = "",
+) -> RbeeError:
+    """Our error for a status name ("UNAVAILABLE", ...): to pass on a peer service's error, or to
+    raise again the error a stored job ended with. Unknown names become INTERNAL."""
+    kind = StatusKind.__members__.get(status, StatusKind.INTERNAL)
+    cls = _ERROR_CLASSES.get(kind)
+    if cls is NotFound or cls is AlreadyExists:
+        return cls(
+            message,
+            resource_type=resource_type or "resource",
+            resource_name=resource_name,
+            reason=reason,
+            metadata=metadata,
+        )
+    if cls is None:
+        error = RbeeError(message, reason=reason, metadata=metadata)
+        error.kind = kind
+        return error
+    return cls(message, reason=reason, metadata=metadata)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry
 
 from rbee.provisioner.v1 import provisioner_pb2_grpc
+from services.catalog.link import GrpcCatalogLink
 from services.common.logs import configure_logging, log_settings
 from services.common.server import (
     RunningServer,
@@ -19,7 +20,6 @@ from services.common.server import (
     serve_until_signal,
     start_server,
 )
-from services.provisioner.catalog_link import GrpcCatalogLink
 from services.provisioner.metrics import ProvisionerMetrics
 from services.provisioner.pull_store import PullStore
 from services.provisioner.pulls import PullManager
@@ -51,22 +51,14 @@ def build_service(
     return ProvisionerService(pulls=pulls, catalog=catalog, context=context), catalog
 
 
-def pause_pulls_when_stopping(running: RunningServer, pulls: PullManager) -> asyncio.Task[None]:
-    """server.stop(grace) waits for in-flight streams, then cancels them, and a cancelled last
-    watcher would cancel its pull: so the pulls are paused first, as soon as stopping begins."""
-
-    async def pause() -> None:
-        await running.wait_until_stopping()
-        await pulls.close()
-
-    return asyncio.create_task(pause(), name="pause-pulls-on-stop")
-
-
-async def run(settings: ProvisionerSettings) -> None:
-    """Serve until SIGTERM/SIGINT. Stopping pauses running pulls (they resume at next start)."""
-    registry = CollectorRegistry()
+async def start_provisioner(
+    settings: ProvisionerSettings, registry: CollectorRegistry
+) -> tuple[RunningServer, ProvisionerService]:
+    """Bind the server (NOT_SERVING), load the pull records (resuming unfinished pulls when
+    configured) and return; the caller sets SERVING. Stopping the server pauses the pulls first:
+    server.stop(grace) waits for in-flight streams, then cancels them, and a cancelled last
+    watcher would otherwise cancel its pull."""
     service, catalog = build_service(settings, registry)
-    pulls = service.pulls
     running = await start_server(
         [
             ServiceBinding(
@@ -79,9 +71,26 @@ async def run(settings: ProvisionerSettings) -> None:
         metrics_listen=settings.metrics_listen,
         registry=registry,
     )
-    running.on_stop(catalog.close)
-    stop_watch = pause_pulls_when_stopping(running, pulls)
-    await pulls.start()
+
+    async def pause_pulls_when_stopping() -> None:
+        await running.wait_until_stopping()
+        await service.pulls.close()
+
+    stop_watch = asyncio.create_task(pause_pulls_when_stopping(), name="pause-pulls-on-stop")
+
+    async def close() -> None:
+        stop_watch.cancel()
+        await service.pulls.close()
+        await catalog.close()
+
+    running.on_stop(close)
+    await service.pulls.start()
+    return running, service
+
+
+async def run(settings: ProvisionerSettings) -> None:
+    """Serve until SIGTERM/SIGINT. Stopping pauses running pulls (they resume at next start)."""
+    running, _service = await start_provisioner(settings, CollectorRegistry())
     prepare_heap_for_serving()
     await running.set_serving()
     logger.info(
@@ -92,11 +101,7 @@ async def run(settings: ProvisionerSettings) -> None:
         settings.hf_cache,
         platform.python_version(),
     )
-    try:
-        await serve_until_signal(running, grace=settings.grace_seconds)
-    finally:
-        stop_watch.cancel()
-        await pulls.close()
+    await serve_until_signal(running, grace=settings.grace_seconds)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

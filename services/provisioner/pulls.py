@@ -25,6 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +38,7 @@ from services.catalog.domain import (
     SourceKind,
 )
 from services.catalog.ids import slugify
+from services.catalog.link import CatalogLink
 from services.catalog.pagination import (
     PageTokenCodec,
     filter_fingerprint,
@@ -47,18 +49,14 @@ from services.common.errors import (
     Aborted,
     AlreadyExists,
     Cancelled,
-    DataLoss,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
     RbeeError,
     ResourceExhausted,
-    Unauthenticated,
     Unavailable,
-    Unimplemented,
+    error_for_status,
 )
-from services.provisioner.catalog_link import CatalogLink
 from services.provisioner.domain import (
     CivitaiSpec,
     Credentials,
@@ -175,23 +173,9 @@ def error_record(exc: RbeeError) -> PullError:
 
 def error_from_record(err: PullError) -> RbeeError:
     """Rebuild the error a finished pull ended with (for WatchPull after the fact)."""
-    cls = _ERRORS_BY_CODE.get(err.code, Unavailable)
-    return cls(err.message, reason=err.reason, metadata=err.metadata)
-
-
-_ERRORS_BY_CODE: dict[str, type[RbeeError]] = {
-    "INVALID_ARGUMENT": InvalidArgument,
-    "FAILED_PRECONDITION": FailedPrecondition,
-    "PERMISSION_DENIED": PermissionDenied,
-    "UNAUTHENTICATED": Unauthenticated,
-    "RESOURCE_EXHAUSTED": ResourceExhausted,
-    "UNAVAILABLE": Unavailable,
-    "CANCELLED": Cancelled,
-    "DATA_LOSS": DataLoss,
-    "ABORTED": Aborted,
-    "UNIMPLEMENTED": Unimplemented,
-    "INTERNAL": RbeeError,
-}
+    return error_for_status(
+        err.code, err.message, reason=err.reason, metadata=err.metadata, resource_type="pull"
+    )
 
 
 class PullManager:
@@ -224,6 +208,12 @@ class PullManager:
         self._jobs: dict[str, _Job] = {}
         self._tokens = PageTokenCodec(new_secret())
         self._closing = False
+        # One thread writes the records, in order: a progress snapshot queued before a state
+        # change can never land after it.
+        self._store_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pull-store")
+
+    async def _store_call(self, fn: Callable[..., None], *args: Any) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._store_io, fn, *args)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -243,7 +233,7 @@ class PullManager:
                 record.state = PullState.PAUSED
                 record.state_message = "interrupted by a provisioner restart; resumable"
                 self._touch(record)
-                await asyncio.to_thread(self._store.save, record)
+                await self._store_call(self._store.save, record)
                 if self._resume_on_start:
                     to_resume.append(job)
         for job in to_resume:
@@ -410,7 +400,7 @@ class PullManager:
                 )
             await self.cancel(name, discard_partial=True)
         await asyncio.to_thread(_discard_partials, job.record)
-        await asyncio.to_thread(self._store.delete, job.record.id)
+        await self._store_call(self._store.delete, job.record.id)
         self._jobs.pop(job.record.id, None)
 
     # --- streams ------------------------------------------------------------------------------
@@ -545,7 +535,7 @@ class PullManager:
     async def _persist(self, job: _Job) -> None:
         self._touch(job.record)
         job.last_persist = time.monotonic()
-        await asyncio.to_thread(self._store.save, job.record.model_copy(deep=True))
+        await self._store_call(self._store.save, job.record.model_copy(deep=True))
 
     @staticmethod
     def _touch(record: PullRecord) -> None:
@@ -748,7 +738,7 @@ class PullManager:
         if now - job.last_persist >= PERSIST_INTERVAL:
             job.last_persist = now
             snapshot = job.record.model_copy(deep=True)
-            asyncio.get_running_loop().run_in_executor(None, self._store.save, snapshot)
+            asyncio.get_running_loop().run_in_executor(self._store_io, self._store.save, snapshot)
 
     def _on_message(self, job: _Job, text: str) -> None:
         job.message = text

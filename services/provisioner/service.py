@@ -19,8 +19,8 @@ from services.catalog.domain import (
     ModelState,
 )
 from services.catalog.ids import model_id_for_source
+from services.catalog.link import CatalogLink
 from services.common.errors import AlreadyExists
-from services.provisioner.catalog_link import CatalogLink
 from services.provisioner.domain import PullOptions, PullRecord, Resolution, SearchPage, SearchQuery
 from services.provisioner.pulls import PullItem, PullManager
 from services.provisioner.remote_inspect import inspect_remote

@@ -16,22 +16,8 @@ from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import SHARED_ENV_VARS, ServiceSettings
 from services.provisioner.domain import Credentials
-from services.provisioner.sources.context import SourceContext
+from services.provisioner.sources.context import DEFAULT_QUANTIZATION_PREFERENCE, SourceContext
 from services.provisioner.transfer import TransferSettings
-
-DEFAULT_QUANTIZATION_PREFERENCE = (
-    "Q4_K_M",
-    "Q5_K_M",
-    "Q4_K_S",
-    "Q5_K_S",
-    "Q6_K",
-    "Q8_0",
-    "Q4_0",
-    "IQ4_XS",
-    "Q3_K_M",
-    "F16",
-    "BF16",
-)
 
 
 def _default_hf_cache() -> Path:

@@ -1,12 +1,18 @@
 """`rbee-worker`: one worker process bound to one device and one engine.
 
     rbee-worker --engine llama_cpp|diffusers|fake --device cpu|cuda:N|mps --listen HOST:PORT
-                [--metrics-listen HOST:PORT] [--model PATH [--model-name models/ID]]
+                [--metrics-listen HOST:PORT] [--catalog HOST:PORT]
+                [--model PATH [--model-name models/ID]]
                 [--queue-size N] [--context-length N] [--gpu-layers N] [--threads N]
                 [--dtype float16|bfloat16|float32] [--scheduler NAME] [--attention-slicing]
 
 `--engine diffusers` is an image worker: --model is a diffusers pipeline folder and the image
 flags (--dtype, --scheduler, --attention-slicing) are its load options.
+
+`--catalog` is the catalog that LoadModel looks a model up in when a request names a model and
+no paths (default 127.0.0.1:50061; empty: none, and such requests fail with
+FAILED_PRECONDITION). Nothing connects at start-up: the catalog is asked at LoadModel time, so a
+worker starts before its catalog, and a catalog that is down is UNAVAILABLE for that request.
 
 Flags override the RBEE_WORKER_* variables (services.worker.settings), which override the
 defaults. Lifecycle, in this order: settings, logging, device binding (CUDA_VISIBLE_DEVICES,
@@ -38,6 +44,7 @@ from pydantic import ValidationError
 
 from rbee.worker.v1 import worker_pb2_grpc
 from services.catalog.domain import DeviceKind
+from services.catalog.link import GrpcCatalogLink
 from services.common.logs import configure_logging, log_settings
 from services.common.server import (
     ListenError,
@@ -58,6 +65,8 @@ logger = logging.getLogger("services.worker")
 
 DISTRIBUTION = "rbee-mesh"
 EXIT_USAGE = 2
+# A catalog lookup is one indexed read; a catalog slower than this is as good as down.
+CATALOG_LOOKUP_DEADLINE_S = 10.0
 
 
 class StartupError(Exception):
@@ -150,6 +159,12 @@ async def run(
 ) -> None:
     """Serve until SIGTERM/SIGINT: NOT_SERVING until ready (start-up model loaded), SERVING."""
     registry = CollectorRegistry()
+    # grpc.aio channels connect lazily: building one needs no catalog running yet.
+    catalog = (
+        GrpcCatalogLink(settings.catalog_address, deadline=CATALOG_LOOKUP_DEADLINE_S)
+        if settings.catalog_address
+        else None
+    )
     service = WorkerService(
         engine,
         device=device,
@@ -159,6 +174,7 @@ async def run(
         name=settings.name,
         version=_version(DISTRIBUTION),
         backend_version=backend_version(settings.engine),
+        catalog=catalog,
     )
     try:
         running = await start_server(
@@ -175,7 +191,11 @@ async def run(
         )
     except ListenError as exc:
         await service.close()
+        if catalog is not None:
+            await catalog.close()
         raise StartupError(str(exc)) from exc
+    if catalog is not None:
+        running.on_stop(catalog.close)  # LIFO: closed after the service
     running.on_stop(service.close)
 
     async def cancel_work_when_stopping() -> None:
@@ -195,12 +215,14 @@ async def run(
         prepare_heap_for_serving()
         await running.set_serving()
         logger.info(
-            "worker serving on port %d (metrics port %s, engine %s, device %s, queue %d)",
+            "worker serving on port %d (metrics port %s, engine %s, device %s, queue %d, "
+            "catalog %s)",
             running.port,
             running.metrics_port,
             settings.engine,
             device,
             settings.queue_size,
+            settings.catalog_address or "none",
         )
         await serve_until_signal(running, grace=settings.grace_seconds)
     finally:
@@ -218,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--listen", help="gRPC address host:port (port 0: ephemeral)")
     parser.add_argument(
         "--metrics-listen", help="Prometheus /metrics address host:port; empty: off"
+    )
+    parser.add_argument(
+        "--catalog",
+        dest="catalog_address",
+        help="the catalog's gRPC address host:port, for LoadModel by model name; empty: none",
     )
     parser.add_argument("--model", dest="model_path", help="a model file to load before SERVING")
     parser.add_argument("--model-name", help="the model's catalog name, models/ID")

@@ -26,6 +26,22 @@ UNAVAILABLE.
 
 States (WorkerState): IDLE (no model) -> LOADING -> READY <-> BUSY; STOPPING after begin_stop.
 
+Loading (LoadModel), checked before the engine sees anything:
+- `paths` given: they are loaded, and `model` (if any) is the name the worker reports.
+- only `model`: the catalog (a `ModelCatalog`, e.g. services.catalog.link) is asked for
+  it: unknown -> NOT_FOUND (MODEL_NOT_FOUND); not READY -> FAILED_PRECONDITION
+  (MODEL_NOT_READY, with its state and state message); catalog unreachable -> UNAVAILABLE
+  (DEPENDENCY_UNAVAILABLE); otherwise its paths are loaded under its catalog name. A worker
+  without a catalog refuses with FAILED_PRECONDITION naming the setting.
+- the file is inspected with the catalog's inspector (header only, in a thread) and evaluated
+  with the catalog's compatibility rules for THIS worker's type (`{device}-llm|sd`): a verdict
+  that the type cannot run it (format, architecture, model type, device, missing components)
+  is FAILED_PRECONDITION (INCOMPATIBLE_MODEL) carrying the verdict's reasons; a file that is
+  no model is INVALID_ARGUMENT (MODEL_FILE_INVALID / UNSUPPORTED_FILE_FORMAT). Memory fit is
+  not checked here (the pool decides where a model fits; too large fails in the engine). The
+  engines keep their own checks as a second line. The fake engine (protocol tests, which load
+  placeholder files) skips inspection and compatibility: it runs no model file.
+
 Image workers (an ImageEngine) share all of it: GenerateImage takes the same turn, its progress
 events travel the same bridge, and a cancelled stream sets the same event, which the engine
 checks once per denoising step (it then raises Cancelled). Generate, Chat, Tokenize and
@@ -47,16 +63,31 @@ from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.catalog.domain import Backend, DeviceKind
+from services.catalog.compat import evaluate
+from services.catalog.domain import (
+    Backend,
+    CompatibilityResult,
+    DeviceKind,
+    Model,
+    ModelFormat,
+    ModelMetadata,
+    ModelState,
+    ModelType,
+    Verdict,
+    WorkerType,
+)
+from services.catalog.inspect import inspect_path
+from services.catalog.worker_types import IMAGE_INPUT_VARIANTS, WorkerTypeRegistry
 from services.common.errors import (
     Cancelled,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PreconditionViolation,
     ResourceExhausted,
     Unavailable,
     Unimplemented,
@@ -92,6 +123,79 @@ SD_WORKER_TYPES = "cpu-sd, cuda-sd or metal-sd"
 LLM_WORKER_TYPES = "cpu-llm, cuda-llm or metal-llm"
 # Load progress is forwarded when it moved by at least this much (llama.cpp reports per tensor).
 LOAD_PROGRESS_STEP = 0.01
+# Where a worker without a catalog is told to configure one (WorkerSettings.catalog_address).
+CATALOG_SETTING = "RBEE_WORKER_CATALOG_ADDRESS (or rbee-worker --catalog)"
+
+# Verdicts that say the worker type cannot run the model at all. The memory verdicts
+# (fits_gpu, partial_offload, cpu_only, too_large) are not among them: the pool decides where a
+# model fits, and a model too large for the memory left fails in the engine with its own error.
+INCOMPATIBLE_VERDICTS = frozenset(
+    {
+        Verdict.UNSUPPORTED_FORMAT,
+        Verdict.UNSUPPORTED_ARCH,
+        Verdict.UNSUPPORTED_MODEL_TYPE,
+        Verdict.UNSUPPORTED_DEVICE,
+        Verdict.NEEDS_COMPONENTS,
+    }
+)
+
+
+class ModelCatalog(Protocol):
+    """What the worker asks of the catalog (services.catalog.link.CatalogLink has it)."""
+
+    async def get_model(self, name: str) -> Model | None:
+        """The model `models/{id}`, or None when the catalog has none by that name."""
+        ...
+
+
+def worker_type_id(device: DeviceKind, *, image: bool) -> str:
+    """The worker type of a worker on `device`: "cpu-llm", "cuda-sd", "metal-llm", ..."""
+    return f"{device.value}-{'sd' if image else 'llm'}"
+
+
+def _left_to_the_engine(metadata: ModelMetadata, result: CompatibilityResult) -> bool:
+    """A diffusers folder whose image family inspection could not name.
+
+    The rules refuse it (no family, no pipeline to choose for a single file), but a folder
+    names its own pipeline class in model_index.json, which is all the engine's
+    `from_pretrained` needs: e.g. small or custom pipelines whose UNet matches no released
+    family. The engine decides (and fails with its own error if it cannot load it). Image-input
+    variants (inpaint, depth, ...) are still refused: they cannot run text-to-image.
+    """
+    return (
+        result.verdict is Verdict.UNSUPPORTED_ARCH
+        and metadata.format is ModelFormat.DIFFUSERS
+        and metadata.model_type is ModelType.IMAGE
+        and not metadata.family
+        and metadata.variant not in IMAGE_INPUT_VARIANTS
+    )
+
+
+def require_compatible(
+    metadata: ModelMetadata, worker_type: WorkerType, *, subject: str
+) -> CompatibilityResult:
+    """The catalog's verdict for `worker_type` running this model (no device: no memory fit).
+
+    Raises FailedPrecondition (INCOMPATIBLE_MODEL) with the verdict's reasons when the worker
+    type cannot run the model (INCOMPATIBLE_VERDICTS); `subject` names the model or file in the
+    message. The error's metadata carries `verdict` and `worker_type` for clients.
+    """
+    result = evaluate(metadata, worker_type)
+    if result.verdict not in INCOMPATIBLE_VERDICTS or _left_to_the_engine(metadata, result):
+        return result
+    reasons = " ".join(result.reasons) or result.verdict.value
+    raise FailedPrecondition(
+        f"{worker_type.id} cannot run {subject} ({result.verdict.value}): {reasons}",
+        reason="INCOMPATIBLE_MODEL",
+        violations=[
+            PreconditionViolation(
+                type=result.verdict.value.upper(),
+                subject=f"worker-types/{worker_type.id}",
+                description=reasons,
+            )
+        ],
+        metadata={"verdict": result.verdict.value, "worker_type": worker_type.id},
+    )
 
 
 class WorkerState(enum.StrEnum):
@@ -125,7 +229,7 @@ class LoadRequest(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     model: str = ""  # `models/{model}` (a bare id is accepted), "" when loaded by path only
-    paths: list[str] = Field(default_factory=list)
+    paths: list[str] = Field(default_factory=list)  # empty: the catalog's paths for `model`
     options_kind: OptionsKind | None = None  # None: no options given (defaults)
     options: LlmLoadOptions = Field(default_factory=LlmLoadOptions)
     image_options: ImageLoadOptions = Field(default_factory=ImageLoadOptions)  # image workers
@@ -140,11 +244,22 @@ class LoadProgressEvent(BaseModel):
     elapsed_s: float = 0.0
 
 
+class LoadTarget(BaseModel):
+    """What a LoadModel request resolved to: the name to report and the files to load."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str  # `models/{id}`, "" when loaded by path only
+    paths: list[str]
+    path: Path  # the one handed to the engine (a split GGUF: its first shard)
+    metadata: ModelMetadata | None = None  # None: not inspected (the fake engine)
+
+
 class LoadedModelInfo(BaseModel):
     """What is loaded, with the request that loaded it."""
 
     model: str
-    paths: list[str]
+    paths: list[str]  # as loaded: the request's, or the catalog's for a load by name
     options: LlmLoadOptions
     image_options: ImageLoadOptions | None = None  # set on image workers
     default_seed: int | None = None
@@ -333,7 +448,11 @@ class WorkerService:
         name: str = "",
         version: str = "",
         backend_version: str = "",
+        catalog: ModelCatalog | None = None,
+        worker_types: WorkerTypeRegistry | None = None,
     ) -> None:
+        """`catalog`: where LoadModel by name looks models up (None: loads need paths).
+        `worker_types`: where this worker's type comes from (default: this host's registry)."""
         self._engine = engine
         self._device = device
         self._engine_name = engine_name
@@ -343,6 +462,14 @@ class WorkerService:
         self._backend_version = backend_version
         backends = {backend.value: backend for backend in Backend}
         self._backend = backends.get(engine.backend)  # None: the fake engine
+        self._catalog = catalog
+        self._worker_type_id = worker_type_id(device.kind, image=isinstance(engine, ImageEngine))
+        # The compatibility rules this worker loads by; None for the fake engine, which runs no
+        # model file (protocol tests load placeholder files through it).
+        self._worker_type: WorkerType | None = None
+        if self._backend is not None:
+            registry = worker_types if worker_types is not None else WorkerTypeRegistry()
+            self._worker_type = registry.get(self._worker_type_id)
         self._turns = _Turns(queue_size, metrics.queue_depth.set)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._loaded: LoadedModelInfo | None = None
@@ -392,7 +519,7 @@ class WorkerService:
             device=self._device,
             backend=self._backend,
             engine=self._engine_name,
-            worker_type=f"{self._device.kind.value}-{'sd' if self._is_image else 'llm'}",
+            worker_type=self._worker_type_id,
             state=self.state,
             model=loaded.model if loaded else "",
             loaded=loaded,
@@ -495,16 +622,24 @@ class WorkerService:
     async def load_model(
         self, request: LoadRequest
     ) -> AsyncGenerator[LoadProgressEvent | WorkerInfo, None]:
-        """Load a model (replacing the loaded one): progress events, then the worker, READY."""
+        """Load a model (replacing the loaded one): progress events, then the worker, READY.
+
+        Everything that can refuse the request (options, catalog lookup, files, compatibility:
+        see the module docstring) runs before the first event, so a refusal is the stream's
+        status, not an event.
+        """
         self._refuse_when_stopping()
-        path = self._check_load_request(request)
+        target = await self._check_load_request(request)
+        path = target.path
+        # After the awaits above: the worker may have started stopping or become busy.
+        self._refuse_when_stopping()
         self._refuse_when_busy()
         await self._turns.acquire()  # free (checked above): returns without suspending
         options = request.options
         engine = self._engine
         if self._device.kind is DeviceKind.CPU and options.gpu_layers is None:
             options = options.model_copy(update={"gpu_layers": 0})  # a CPU worker offloads none
-        model = normalize_model_name(request.model)
+        model = target.model
         cancel = threading.Event()
         started = time.perf_counter()
         had_model = self._loaded is not None
@@ -546,7 +681,7 @@ class WorkerService:
                     engine_model = future.result()
                     self._loaded = LoadedModelInfo(
                         model=model,
-                        paths=list(request.paths),
+                        paths=list(target.paths),
                         options=options,
                         image_options=request.image_options if self._is_image else None,
                         default_seed=request.default_seed,
@@ -584,7 +719,16 @@ class WorkerService:
             raise item.error
         yield self.get_worker()
 
-    def _check_load_request(self, request: LoadRequest) -> Path:
+    async def _check_load_request(self, request: LoadRequest) -> LoadTarget:
+        """The request's options, its files (given, or the catalog's), and whether this worker
+        type can run them; raises what the module docstring lists."""
+        self._check_load_options(request)
+        model, paths, where = await self._resolve_paths(request)
+        path = self._check_paths(paths, where)
+        metadata = await self._check_compatibility(path, model)
+        return LoadTarget(model=model, paths=paths, path=path, metadata=metadata)
+
+    def _check_load_options(self, request: LoadRequest) -> None:
         if self._is_image and request.options_kind is OptionsKind.LLM:
             raise InvalidArgument.for_field(
                 "llm",
@@ -599,18 +743,53 @@ class WorkerService:
                 f"worker ({SD_WORKER_TYPES}); send `llm` options here",
                 reason="WRONG_ENGINE",
             )
-        if not request.paths:
-            if request.model:
-                raise FailedPrecondition(
-                    "paths are required for now: this worker does not resolve catalog models "
-                    "to files yet; pass the model's file in `paths`"
-                )
-            raise InvalidArgument.for_field("paths", "give the model file to load")
-        for index, text in enumerate(request.paths):
+
+    async def _resolve_paths(self, request: LoadRequest) -> tuple[str, list[str], str]:
+        """(name to report, paths to load, where the paths came from for messages)."""
+        model = normalize_model_name(request.model)
+        if request.paths:
+            return model, list(request.paths), "paths"  # paths win; the model is the name
+        if not model:
+            raise InvalidArgument.for_field(
+                "paths", "give the model file to load, or `model`, its catalog name"
+            )
+        if self._catalog is None:
+            raise FailedPrecondition(
+                f"paths are required to load {model}: this worker has no catalog to look it up "
+                f"in (set {CATALOG_SETTING}), or pass the model's files in `paths`"
+            )
+        found = await self._catalog.get_model(model)
+        if found is None:
+            raise NotFound(
+                f"{model} is not in the catalog",
+                resource_type="model",
+                resource_name=model,
+                reason="MODEL_NOT_FOUND",
+            )
+        if found.state is not ModelState.READY:
+            detail = f": {found.state_message}" if found.state_message else ""
+            raise FailedPrecondition(
+                f"{found.name} is {found.state.value}{detail}; only READY models load",
+                reason="MODEL_NOT_READY",
+                violations=[
+                    PreconditionViolation("STATE", found.name, f"state is {found.state.value}")
+                ],
+                metadata={"model": found.name, "state": found.state.value},
+            )
+        if not found.paths:
+            raise FailedPrecondition(
+                f"{found.name} lists no files in the catalog", reason="MODEL_NOT_READY"
+            )
+        return found.name, list(found.paths), f"{found.name} paths"
+
+    @staticmethod
+    def _check_paths(paths: Sequence[str], where: str) -> Path:
+        """Absolute and present on this host; returns the one the engine loads."""
+        for index, text in enumerate(paths):
             candidate = Path(text)
             if not candidate.is_absolute():
                 raise InvalidArgument.for_field(
-                    f"paths[{index}]", f"must be an absolute path on the worker host: {text!r}"
+                    f"{where}[{index}]", f"must be an absolute path on the worker host: {text!r}"
                 )
             if not candidate.exists():
                 raise NotFound(
@@ -620,7 +799,20 @@ class WorkerService:
                     reason="FILE_NOT_FOUND",
                 )
         # A split GGUF loads from its first shard (llama.cpp finds the others).
-        return Path(request.paths[0])
+        return Path(paths[0])
+
+    async def _check_compatibility(self, path: Path, model: str) -> ModelMetadata | None:
+        """Inspect `path` and refuse what this worker type cannot run; None for the fake."""
+        worker_type = self._worker_type
+        if worker_type is None:
+            return None
+        # Header reads only (milliseconds), but on a cold disk: off the event loop.
+        metadata = await asyncio.to_thread(inspect_path, path)
+        subject = f"{model} ({path.name})" if model else path.name
+        result = require_compatible(metadata, worker_type, subject=subject)
+        if result.verdict in INCOMPATIBLE_VERDICTS:  # let through: see _left_to_the_engine
+            logger.warning("%s: %s; the engine decides", subject, " ".join(result.reasons))
+        return metadata
 
     async def unload_model(self, model: str = "") -> WorkerInfo:
         """Unload the model (idempotent); `model` set: only if it is the loaded one."""

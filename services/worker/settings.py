@@ -1,8 +1,9 @@
 """The worker's typed settings: environment variables with the RBEE_WORKER_ prefix.
 
 `rbee-worker` flags override them (see services.worker.__main__). Defaults: the gRPC service on
-127.0.0.1:50071 and /metrics on 127.0.0.1:9471; the pool gives every worker it spawns its own
-ports (usually port 0 is not useful there, since the pool must know the address).
+127.0.0.1:50071, /metrics on 127.0.0.1:9471 and the catalog at 127.0.0.1:50061; the pool gives
+every worker it spawns its own ports (usually port 0 is not useful there, since the pool must
+know the address).
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ class WorkerSettings(ServiceSettings):
         default=8, ge=0, le=10_000, description="Requests that may wait behind the running one."
     )
     name: str = Field(default="", description="`workers/{worker}` when the pool named it.")
+    catalog_address: str = Field(
+        default="127.0.0.1:50061",
+        description=(
+            "The catalog service that LoadModel by model name (no paths) looks models up in; "
+            "empty: no catalog (LoadModel then needs paths)."
+        ),
+    )
 
     # A model to load before SERVING (optional); `model_name` is its catalog name, reported by
     # GetWorker and checked against requests that name a model.

@@ -16,14 +16,9 @@ from prometheus_client import CollectorRegistry
 
 from rbee.catalog.v1 import catalog_pb2_grpc
 from rbee.provisioner.v1 import provisioner_pb2_grpc
-from services.common.server import RunningServer, ServiceBinding, start_server
-from services.provisioner.__main__ import (
-    SERVICE_NAME,
-    build_service,
-    pause_pulls_when_stopping,
-)
+from services.common.server import RunningServer
+from services.provisioner.__main__ import start_provisioner
 from services.provisioner.service import ProvisionerService
-from services.provisioner.servicer import ProvisionerServicer
 from services.provisioner.settings import ProvisionerSettings
 from tests.integration.catalog_harness import running_catalog
 from tests.integration.server_harness import serve_in_thread
@@ -70,26 +65,9 @@ def running_provisioner(
     settings: ProvisionerSettings,
 ) -> Iterator[tuple[str, ProvisionerService, int | None]]:
     """The provisioner alone (its catalog must be running at settings.catalog_address)."""
-    registry = CollectorRegistry()
 
     async def build() -> tuple[RunningServer, ProvisionerService]:
-        service, catalog = build_service(settings, registry)
-        running = await start_server(
-            [
-                ServiceBinding(
-                    provisioner_pb2_grpc.add_ProvisionerServiceServicer_to_server,
-                    ProvisionerServicer(service),
-                    SERVICE_NAME,
-                )
-            ],
-            listen=settings.listen,
-            metrics_listen=settings.metrics_listen,
-            registry=registry,
-        )
-
-        running.on_stop(catalog.close)
-        pause_pulls_when_stopping(running, service.pulls)
-        await service.pulls.start()
+        running, service = await start_provisioner(settings, CollectorRegistry())
         await running.set_serving()
         return running, service
 

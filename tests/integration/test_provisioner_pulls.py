@@ -10,7 +10,6 @@ import hashlib
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,26 +41,6 @@ def big_gguf(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """About 6 MB: slow enough under a bandwidth limit to cancel or attach mid-transfer."""
     path = tmp_path_factory.mktemp("gguf") / "big.gguf"
     return write_tiny_llama_gguf(path, n_vocab=2048, n_embd=256, n_ff=512, n_layer=4).read_bytes()
-
-
-@pytest.fixture
-def hub() -> Iterator[FakeHub]:
-    with FakeHub() as fake:
-        yield fake
-
-
-@pytest.fixture
-def civitai() -> Iterator[FakeCivitai]:
-    with FakeCivitai() as fake:
-        yield fake
-
-
-@pytest.fixture
-def mesh(tmp_path: Path, hub: FakeHub, civitai: FakeCivitai) -> Iterator[Mesh]:
-    with running_mesh(
-        tmp_path, hf_endpoint=hub.endpoint, civitai_endpoint=civitai.endpoint
-    ) as running:
-        yield running
 
 
 def sha(data: bytes) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -22,26 +21,6 @@ from tests.integration.provisioner_harness import Mesh, running_mesh
 from tests.integration.server_harness import error_reason
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def hub() -> Iterator[FakeHub]:
-    with FakeHub() as fake:
-        yield fake
-
-
-@pytest.fixture
-def civitai() -> Iterator[FakeCivitai]:
-    with FakeCivitai() as fake:
-        yield fake
-
-
-@pytest.fixture
-def mesh(tmp_path: Path, hub: FakeHub, civitai: FakeCivitai) -> Iterator[Mesh]:
-    with running_mesh(
-        tmp_path / "home", hf_endpoint=hub.endpoint, civitai_endpoint=civitai.endpoint
-    ) as running:
-        yield running
 
 
 def test_resolve_source_lists_files_and_the_choice(

@@ -1,9 +1,13 @@
-"""The provisioner's way into the catalog: its RPCs, never its database.
+"""The catalog as other services see it: its RPCs, never its database.
 
-The catalog is the single writer of its database; a pull registers its model DOWNLOADING at
-start and asks for READY (the catalog inspects the files) or FAILED at the end. Errors coming
-back from the catalog are re-raised as our own errors with the same status and reason, so a
-pull that fails at registration ends its stream with the catalog's explanation.
+Used by the provisioner and the worker (moved here from services.provisioner so both share one
+client). The catalog is the single writer of its database; a pull registers its model
+DOWNLOADING at start and asks for READY (the catalog inspects the files) or FAILED at the end;
+a worker asked to load `models/{id}` without paths looks the model up to find its files.
+Errors coming back from the catalog are re-raised as our own errors with the same status and
+reason (so a pull that fails at registration ends its stream with the catalog's explanation);
+a catalog that cannot be reached, or fails, is UNAVAILABLE (DEPENDENCY_UNAVAILABLE).
+`get_model` returns None for a model the catalog does not have.
 """
 
 from __future__ import annotations
@@ -26,29 +30,17 @@ from services.catalog.domain import (
     ModelSource,
     ModelState,
 )
-from services.common.errors import (
-    Aborted,
-    AlreadyExists,
-    Cancelled,
-    DataLoss,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    RbeeError,
-    ResourceExhausted,
-    Unauthenticated,
-    Unavailable,
-)
+from services.common.errors import RbeeError, StatusKind, Unavailable, error_for_status
 
 CATALOG_DEADLINE = 120.0  # registration inspects the files (headers only, but a cold disk)
 
 
 class CatalogLink(abc.ABC):
-    """What the provisioner asks of the catalog."""
+    """What the provisioner and the worker ask of the catalog."""
 
     @abc.abstractmethod
-    async def get_model(self, name: str) -> Model | None: ...
+    async def get_model(self, name: str) -> Model | None:
+        """The model `models/{id}`, or None when the catalog has none by that name."""
 
     @abc.abstractmethod
     async def create_model(
@@ -87,49 +79,32 @@ class CatalogLink(abc.ABC):
         return None
 
 
+# Statuses that say the catalog itself is in trouble, not the request: the caller sees the
+# dependency as unavailable.
+_CATALOG_DOWN = frozenset(
+    {"UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN", "UNIMPLEMENTED"}
+)
+
+
 def _as_rbee_error(err: RbeeClientError, what: str) -> RbeeError:
     """A catalog status, re-raised as ours (same code, reason and resource)."""
-    message = f"catalog: {err.message}" if what else err.message
-    reason = err.reason or None
-    code = err.code
-    if code in ("INVALID_ARGUMENT", "OUT_OF_RANGE"):
-        return InvalidArgument(message, reason=reason)
-    if code == "NOT_FOUND":
-        return NotFound(
-            message,
-            resource_type=err.resource_type or "model",
-            resource_name=err.resource_name,
-            reason=reason,
+    known = err.code in StatusKind.__members__ or err.code == "OUT_OF_RANGE"
+    if err.code in _CATALOG_DOWN or not known:
+        return Unavailable(
+            f"the catalog cannot be reached or failed ({err.code}): {err.message}",
+            reason="DEPENDENCY_UNAVAILABLE",
         )
-    if code == "ALREADY_EXISTS":
-        return AlreadyExists(
-            message,
-            resource_type=err.resource_type or "model",
-            resource_name=err.resource_name,
-            reason=reason,
-        )
-    if code == "FAILED_PRECONDITION":
-        return FailedPrecondition(message, reason=reason)
-    if code == "PERMISSION_DENIED":
-        return PermissionDenied(message, reason=reason)
-    if code == "UNAUTHENTICATED":
-        return Unauthenticated(message, reason=reason)
-    if code == "RESOURCE_EXHAUSTED":
-        return ResourceExhausted(message, reason=reason)
-    if code == "ABORTED":
-        return Aborted(message, reason=reason)
-    if code == "CANCELLED":
-        return Cancelled(message, reason=reason)
-    if code == "DATA_LOSS":
-        return DataLoss(message, reason=reason)
-    return Unavailable(
-        f"the catalog cannot be reached or failed ({code}): {err.message}",
-        reason="DEPENDENCY_UNAVAILABLE",
+    return error_for_status(
+        "INVALID_ARGUMENT" if err.code == "OUT_OF_RANGE" else err.code,
+        f"catalog: {err.message}" if what else err.message,
+        reason=err.reason or None,
+        resource_type=err.resource_type or "model",
+        resource_name=err.resource_name,
     )
 
 
 class GrpcCatalogLink(CatalogLink):
-    """The catalog over gRPC (one aio channel for the provisioner's life)."""
+    """The catalog over gRPC (one aio channel for the life of the service that holds it)."""
 
     def __init__(self, address: str, *, deadline: float = CATALOG_DEADLINE) -> None:
         self._channel = grpc.aio.insecure_channel(address)
