@@ -36,6 +36,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import BaseModel
 
+from bench.processes import wait_serving
 from rbee.catalog.v1 import catalog_pb2 as pb
 from rbee.catalog.v1 import catalog_pb2_grpc
 from services.catalog import convert
@@ -446,21 +447,7 @@ def catalog_process(home: Path, *, timeout: float = 60.0) -> Iterator[str]:
     }
     process = subprocess.Popen([sys.executable, "-m", "services.catalog"], env=env)
     try:
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"rbee-catalog exited with {process.returncode}")
-                try:
-                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    if status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"rbee-catalog not SERVING within {timeout} s")
-                time.sleep(0.05)
+        wait_serving(address, process, name="rbee-catalog", timeout=timeout)
         yield address
     finally:
         process.send_signal(signal.SIGTERM)

@@ -64,11 +64,11 @@ from pathlib import Path
 from typing import Protocol
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llama_cpp import Llama
 from llama_cpp.llama_grammar import LlamaGrammar
 
 from bench.catalog import bench_workdir, percentile
+from bench.processes import wait_serving
 from rbee.worker.v1 import generation_pb2 as gen_pb
 from rbee.worker.v1 import load_pb2 as load_pb
 from rbee.worker.v1 import worker_pb2 as worker_pb
@@ -403,8 +403,8 @@ def worker_process(model: Path, workdir: Path, threads: int) -> Iterator[str]:
             stderr=stderr,
         )
     try:
+        wait_serving(address, process, name="rbee-worker", timeout=START_TIMEOUT_S, log=log)
         with grpc.insecure_channel(address) as channel:
-            _wait_serving(channel, process, log)
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
             request = worker_pb.LoadModelRequest(
                 model=MODEL_NAME,
@@ -418,25 +418,6 @@ def worker_process(model: Path, workdir: Path, threads: int) -> Iterator[str]:
         yield address
     finally:
         _stop(process)
-
-
-def _wait_serving(channel: grpc.Channel, process: subprocess.Popen[bytes], log: Path) -> None:
-    health = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"rbee-worker exited with {process.returncode}: "
-                + log.read_text(errors="replace")[-2000:]
-            )
-        try:
-            status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-            if status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"rbee-worker not SERVING within {START_TIMEOUT_S} s")
 
 
 def llama_server_available() -> bool:

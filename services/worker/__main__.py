@@ -84,6 +84,11 @@ def create_engine(
     """The engine, imported only now: after the device binding, and only the one asked for.
     `threads` is torch's thread count for diffusers (llama.cpp takes it as a load option)."""
     if name == "diffusers":
+        # torch's OpenMP threads spin while they wait for work by default; sharing the cores
+        # with this process's asyncio and gRPC threads (or anything else on the host) that made
+        # a 64x64, 20-step image 40x slower on two cores (bench/image.py notes). Set before torch
+        # loads, and only when the operator has not chosen a policy.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from services.worker.engines.diffusers_engine import DiffusersEngine
 
         device = device or DeviceSpec(kind=DeviceKind.CPU)
