@@ -5,16 +5,18 @@ for completeness by the unit tests. Device kinds, backends and KV cache types re
 catalog's tables (one mapping per wire enum in the code base).
 
 Request fields the LLM engine cannot honour yet are refused with INVALID_ARGUMENT rather than
-ignored: LoRA adapters, projectors, RoPE overrides, mlock, a separate batch thread count, tools
-and log probabilities. `ChatMessage.name` is dropped (templates have no place for it). Image
+ignored: LoRA adapters, projectors, RoPE overrides, mlock, a separate batch thread count and
+tools. `ChatMessage.name` is dropped (templates have no place for it). Image
 requests likewise refuse what the diffusers engine does not do yet: CPU offload, variants,
-load-time LoRAs, VAE overrides, single-file families, the safety checker; per request SDXL's
-second prompts, guidance rescale, CLIP skip, eta, catalog LoRAs and non-PNG output.
+VAE overrides, single-file families, the safety checker, catalog LoRAs (at load and per
+request; LoRAs by path are served); per request SDXL's second prompts, guidance rescale, CLIP
+skip, eta and non-PNG output.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from datetime import datetime
 
 from google.protobuf.duration_pb2 import Duration
@@ -39,9 +41,13 @@ from services.worker.engines.base import (
     FinishReason,
     GenerationResult,
     LlmLoadOptions,
+    LogprobOptions,
     SamplingParams,
     StoppingCriteria,
     TokenDelta,
+    TokenLogprob,
+    TopLogprob,
+    check_logprob_options,
 )
 from services.worker.engines.image_base import (
     DEFAULT_PREVIEW_SIZE,
@@ -204,8 +210,7 @@ def image_load_options_from_pb(msg: load_pb2.ImageLoadOptions) -> ImageLoadOptio
         raise _refuse("image.cpu_offload", "CPU offloading")
     if msg.variant:
         raise _refuse("image.variant", "a weights variant")
-    if msg.loras:
-        raise _refuse("image.loras", "LoRAs fused at load")
+    loras = loras_from_pb(msg.loras, "image.loras")
     if msg.vae:
         raise _refuse("image.vae", "a VAE override")
     if msg.family:
@@ -218,6 +223,7 @@ def image_load_options_from_pb(msg: load_pb2.ImageLoadOptions) -> ImageLoadOptio
         attention_slicing=msg.attention_slicing,
         vae_tiling=msg.vae_tiling,
         vae_slicing=msg.vae_slicing,
+        loras=loras,
     )
 
 
@@ -229,7 +235,30 @@ def image_load_options_to_pb(options: ImageLoadOptions) -> load_pb2.ImageLoadOpt
         attention_slicing=options.attention_slicing,
         vae_tiling=options.vae_tiling,
         vae_slicing=options.vae_slicing,
+        loras=[load_pb2.LoraAdapter(path=lora.path, weight=lora.scale) for lora in options.loras],
     )
+
+
+def loras_from_pb(loras: Sequence[load_pb2.LoraAdapter], field: str) -> list[LoraWeight]:
+    """LoRAs by path with their weights (unset: 1.0); the engine checks the paths and bounds.
+    A catalog LoRA (`model`) is refused: this worker does not resolve catalog names yet."""
+    out = []
+    for index, lora in enumerate(loras):
+        target = lora.WhichOneof("target")
+        if target is None:
+            raise InvalidArgument.for_field(
+                f"{field}[{index}].path", "give the LoRA's absolute path on the worker host"
+            )
+        if target == "model":
+            raise InvalidArgument.for_field(
+                f"{field}[{index}].model",
+                f"catalog LoRAs ({lora.model!r}) are not resolved by this worker yet; give the "
+                "LoRA file's absolute path on the worker host in `path`",
+            )
+        out.append(
+            LoraWeight(path=lora.path, scale=lora.weight if lora.HasField("weight") else 1.0)
+        )
+    return out
 
 
 def load_request_from_pb(msg: pb.LoadModelRequest) -> LoadRequest:
@@ -368,8 +397,11 @@ def load_response_to_pb(event: LoadProgressEvent | WorkerInfo) -> pb.LoadModelRe
 # ---- generation requests ---------------------------------------------------------------------
 
 
-def sampling_from_pb(msg: gen_pb.SamplingParams) -> SamplingParams:
-    """Per-request sampling; unset fields stay None (the engine's defaults)."""
+def sampling_from_pb(
+    msg: gen_pb.SamplingParams, *, logprobs: LogprobOptions | None = None
+) -> SamplingParams:
+    """Per-request sampling; unset fields stay None (the engine's defaults). `logprobs` (a
+    field of the request, not of this message) rides along in the domain's SamplingParams."""
 
     constraint = msg.WhichOneof("constraint")
     return SamplingParams(
@@ -386,6 +418,7 @@ def sampling_from_pb(msg: gen_pb.SamplingParams) -> SamplingParams:
         logit_bias=dict(msg.logit_bias),
         grammar=msg.grammar if constraint == "grammar" else None,
         json_schema=msg.json_schema if constraint == "json_schema" else None,
+        logprobs=logprobs,
     )
 
 
@@ -404,6 +437,7 @@ _SAMPLING_OPTIONAL = (
 
 
 def sampling_to_pb(params: SamplingParams) -> gen_pb.SamplingParams:
+    """The sampling message (`params.logprobs` goes to the request: logprob_options_to_pb)."""
     msg = gen_pb.SamplingParams(logit_bias=params.logit_bias)
     for name in _SAMPLING_OPTIONAL:
         value = getattr(params, name)
@@ -430,17 +464,32 @@ def stopping_to_pb(stopping: StoppingCriteria) -> gen_pb.StoppingCriteria:
     )
 
 
-def _refuse_logprobs(msg: gen_pb.LogprobOptions) -> None:
-    if msg.enabled or msg.top_logprobs:
-        raise _refuse("logprobs", "log probabilities")
+def logprob_options_from_pb(msg: gen_pb.LogprobOptions) -> LogprobOptions | None:
+    """None when log probabilities are off. `top_logprobs` without `enabled` is refused (the
+    alternatives come "also", with the generated token's own), as is N beyond 20."""
+    if not msg.enabled:
+        if msg.top_logprobs:
+            raise InvalidArgument.for_field(
+                "logprobs.top_logprobs", "needs logprobs.enabled (alternatives come with it)"
+            )
+        return None
+    options = LogprobOptions(top_logprobs=msg.top_logprobs)
+    check_logprob_options(options)
+    return options
+
+
+def logprob_options_to_pb(options: LogprobOptions | None) -> gen_pb.LogprobOptions:
+    """The inverse of logprob_options_from_pb."""
+    if options is None:
+        return gen_pb.LogprobOptions()
+    return gen_pb.LogprobOptions(enabled=True, top_logprobs=options.top_logprobs)
 
 
 def generate_request_from_pb(msg: gen_pb.GenerateRequest) -> GenerationRequest:
-    _refuse_logprobs(msg.logprobs)
     return GenerationRequest(
         model=msg.model,
         prompt=msg.prompt,
-        sampling=sampling_from_pb(msg.sampling),
+        sampling=sampling_from_pb(msg.sampling, logprobs=logprob_options_from_pb(msg.logprobs)),
         stopping=stopping_from_pb(msg.stopping),
         add_special=msg.add_special if msg.HasField("add_special") else True,
         parse_special=msg.parse_special,
@@ -453,6 +502,7 @@ def generate_request_to_pb(request: GenerationRequest) -> gen_pb.GenerateRequest
         prompt=request.prompt,
         sampling=sampling_to_pb(request.sampling),
         stopping=stopping_to_pb(request.stopping),
+        logprobs=logprob_options_to_pb(request.sampling.logprobs),
         add_special=request.add_special,
         parse_special=request.parse_special,
     )
@@ -468,12 +518,11 @@ def chat_message_from_pb(msg: gen_pb.ChatMessage, index: int) -> ChatMessage:
 def chat_request_from_pb(msg: gen_pb.ChatRequest) -> ChatGenerationRequest:
     if msg.tools or msg.tool_choice not in ("", "auto", "none"):
         raise _refuse("tools", "tool calling")
-    _refuse_logprobs(msg.logprobs)
     return ChatGenerationRequest(
         model=msg.model,
         messages=[chat_message_from_pb(m, i) for i, m in enumerate(msg.messages)],
         chat_template=msg.chat_template,
-        sampling=sampling_from_pb(msg.sampling),
+        sampling=sampling_from_pb(msg.sampling, logprobs=logprob_options_from_pb(msg.logprobs)),
         stopping=stopping_from_pb(msg.stopping),
     )
 
@@ -488,6 +537,7 @@ def chat_request_to_pb(request: ChatGenerationRequest) -> gen_pb.ChatRequest:
         chat_template=request.chat_template,
         sampling=sampling_to_pb(request.sampling),
         stopping=stopping_to_pb(request.stopping),
+        logprobs=logprob_options_to_pb(request.sampling.logprobs),
     )
 
 
@@ -500,7 +550,27 @@ def token_delta_to_pb(delta: TokenDelta) -> gen_pb.GenerateResponse:
     out = msg.delta
     out.text = delta.text
     out.token_ids.extend(delta.token_ids)
+    if delta.logprobs:
+        for logprob in delta.logprobs:
+            entry = out.logprobs.add(
+                token_id=logprob.token_id, token=logprob.token, logprob=logprob.logprob
+            )
+            for top in logprob.top_logprobs:
+                entry.top_logprobs.add(token_id=top.token_id, token=top.token, logprob=top.logprob)
     return msg
+
+
+def token_logprob_from_pb(msg: gen_pb.TokenLogprob) -> TokenLogprob:
+    """One generated token's log probability (the wire carries float32)."""
+    return TokenLogprob(
+        token_id=msg.token_id,
+        token=msg.token,
+        logprob=msg.logprob,
+        top_logprobs=[
+            TopLogprob(token_id=top.token_id, token=top.token, logprob=top.logprob)
+            for top in msg.top_logprobs
+        ],
+    )
 
 
 def completed_generation_to_pb(done: CompletedGeneration) -> gen_pb.GenerateResponse:
@@ -537,7 +607,12 @@ def stream_event_to_pb(event: StreamEvent) -> gen_pb.GenerateResponse:
 def stream_event_from_pb(msg: gen_pb.GenerateResponse) -> StreamEvent:
     """The inverse of stream_event_to_pb (for clients and tests)."""
     if msg.WhichOneof("event") == "delta":
-        return TokenDelta(text=msg.delta.text, token_ids=list(msg.delta.token_ids))
+        delta = msg.delta
+        return TokenDelta(
+            text=delta.text,
+            token_ids=list(delta.token_ids),
+            logprobs=[token_logprob_from_pb(logprob) for logprob in delta.logprobs],
+        )
     out = msg.result
     timings = out.timings
     return CompletedGeneration(
@@ -574,12 +649,7 @@ def image_request_from_pb(msg: image_pb2.GenerateImageRequest) -> ImageGeneratio
         raise _refuse("params.eta", "eta")
     if params.output_format not in (image_pb2.IMAGE_FORMAT_UNSPECIFIED, image_pb2.IMAGE_FORMAT_PNG):
         raise _refuse("params.output_format", "an output format other than PNG")
-    loras = []
-    for index, lora in enumerate(params.loras):
-        if lora.WhichOneof("target") != "path":
-            raise _refuse(f"params.loras[{index}].model", "a catalog LoRA (give its path)")
-        weight = lora.weight if lora.HasField("weight") else 1.0
-        loras.append(LoraWeight(path=lora.path, scale=weight))
+    loras = loras_from_pb(params.loras, "params.loras")
     return ImageGenerationRequest(
         model=msg.model,
         params=ImageParams(

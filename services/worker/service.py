@@ -418,20 +418,18 @@ Emit = Callable[[object], None]
 def _merge_ready_deltas(
     delta: TokenDelta, items: asyncio.Queue[object]
 ) -> tuple[TokenDelta, object | None]:
-    """`delta` joined with the deltas already queued behind it; also returns the first
-    queued item that is not a delta (to be handled next), or None."""
-    texts = [delta.text]
-    token_ids = list(delta.token_ids)
+    """`delta` joined with the deltas already queued behind it (text, ids and log
+    probabilities); also returns the first queued item that is not a delta (to be handled
+    next), or None."""
+    deltas = [delta]
     held: object | None = None
     while not items.empty():
         queued = items.get_nowait()
         if not isinstance(queued, TokenDelta):
             held = queued
             break
-        texts.append(queued.text)
-        token_ids.extend(queued.token_ids)
-    # model_construct: both fields are already valid, and this runs per message.
-    return TokenDelta.model_construct(text="".join(texts), token_ids=token_ids), held
+        deltas.append(queued)
+    return TokenDelta.joined(deltas), held
 
 
 class WorkerService:

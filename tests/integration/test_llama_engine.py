@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import math
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
+import llama_cpp
 from llama_cpp import Llama
 
 from services.common.errors import (
@@ -22,15 +25,18 @@ from services.common.errors import (
     NotFound,
 )
 from services.worker.engines.base import (
+    MAX_TOP_LOGPROBS,
     ChatMessage,
     ChatRole,
     FinishReason,
     GenerationEvent,
     GenerationResult,
     LlmLoadOptions,
+    LogprobOptions,
     SamplingParams,
     StoppingCriteria,
     TokenDelta,
+    TokenLogprob,
 )
 from services.worker.engines.llama_cpp import LlamaCppEngine
 from tests.fixtures.gguf_models import write_corrupt_gguf, write_tiny_llama_gguf
@@ -352,6 +358,156 @@ def test_prompt_beyond_the_context(engine: LlamaCppEngine) -> None:
     assert exc.value.reason == "CONTEXT_TOO_LONG"
     assert exc.value.metadata["context_length"] == str(N_CTX)
     assert int(exc.value.metadata["prompt_tokens"]) >= N_CTX
+
+
+# --- log probabilities ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> Iterator[Llama]:
+    """The same model with logits for every position: the full distributions to check against."""
+    llm = Llama(str(model_dir / "chat.gguf"), n_ctx=N_CTX, logits_all=True, verbose=False)
+    yield llm
+    llm.close()
+
+
+def _reference_logprobs(reference: Llama, prompt: list[int], generated: list[int]) -> Any:
+    """log-softmax over the whole vocabulary, in float64, at the position of each generated
+    token (row i: the distribution generated[i] was drawn from)."""
+    reference.reset()  # type: ignore[no-untyped-call]
+    reference.eval(prompt + generated[:-1])
+    logits = np.asarray(
+        reference.scores[len(prompt) - 1 : len(prompt) - 1 + len(generated)], dtype=np.float64
+    )
+    peak = logits.max(axis=1, keepdims=True)
+    return logits - peak - np.log(np.exp(logits - peak).sum(axis=1, keepdims=True))
+
+
+def _logprobs(deltas: list[TokenDelta]) -> list[TokenLogprob]:
+    entries = [lp for d in deltas for lp in d.logprobs]
+    assert [lp.token_id for lp in entries] == _ids(deltas), "one entry per token id, in order"
+    return entries
+
+
+def _piece(reference: Llama, token_id: int) -> bytes:
+    """What a token adds to the output text, from llama.cpp (control tokens: nothing)."""
+    buffer = ctypes.create_string_buffer(64)
+    n = llama_cpp.llama_token_to_piece(reference._model.vocab, token_id, buffer, 64, 0, False)
+    return buffer.raw[:n]
+
+
+PROMPT = "hello world"
+TOLERANCE = 1e-4  # float32 logits, evaluated in other batch shapes than the reference's
+
+
+def test_logprobs_are_the_models_full_distribution(
+    engine: LlamaCppEngine, reference: Llama
+) -> None:
+    deltas, result = _run(
+        engine,
+        PROMPT,
+        seed=21,
+        temperature=1.0,
+        max_tokens=24,
+        logprobs=LogprobOptions(top_logprobs=5),
+    )
+    entries = _logprobs(deltas)
+    assert len(entries) == result.completion_tokens == 24
+    prompt = engine.tokenize(PROMPT, add_special=True, parse_special=False)
+    expected = _reference_logprobs(reference, prompt, _ids(deltas))
+    assert np.exp(expected).sum(axis=1) == pytest.approx(np.ones(len(entries)))
+    ranked_in_top = 0
+    for row, entry in zip(expected, entries, strict=True):
+        assert entry.logprob <= 0 and entry.logprob == pytest.approx(
+            row[entry.token_id], abs=TOLERANCE
+        )
+        top = entry.top_logprobs
+        assert len(top) == 5 and len({t.token_id for t in top}) == 5
+        values = [t.logprob for t in top]
+        assert values == sorted(values, reverse=True) and all(v <= 0 for v in values)
+        for alternative in top:
+            assert alternative.logprob == pytest.approx(row[alternative.token_id], abs=TOLERANCE)
+            assert alternative.token == _piece(reference, alternative.token_id)
+        # They are THE top five of the whole vocabulary (up to ties within the tolerance).
+        assert values[-1] >= np.sort(row)[-5] - TOLERANCE
+        # Normalized over the whole vocabulary: the top five alone hold less than all of it.
+        assert sum(math.exp(v) for v in values) < 1.0
+        matching = [t for t in top if t.token_id == entry.token_id]
+        if matching:
+            ranked_in_top += 1
+            assert matching[0].logprob == entry.logprob
+    assert 0 < ranked_in_top < len(entries)  # seed 21 samples inside and outside the top 5
+    # The generated tokens' bytes are the output.
+    assert b"".join(e.token for e in entries).decode(errors="replace") == _text(deltas)
+
+
+def test_greedy_samples_the_top_1_and_n_zero_gives_only_the_sampled_token(
+    engine: LlamaCppEngine,
+) -> None:
+    greedy, _ = _run(
+        engine, PROMPT, temperature=0.0, max_tokens=8, logprobs=LogprobOptions(top_logprobs=3)
+    )
+    for entry in _logprobs(greedy):
+        assert entry.top_logprobs[0].token_id == entry.token_id
+        assert entry.top_logprobs[0].logprob == entry.logprob
+    only_sampled, _ = _run(
+        engine, PROMPT, temperature=0.0, max_tokens=8, logprobs=LogprobOptions(top_logprobs=0)
+    )
+    entries = _logprobs(only_sampled)
+    assert _ids(only_sampled) == _ids(greedy)
+    assert all(e.top_logprobs == [] for e in entries)
+    assert [e.logprob for e in entries] == [e.logprob for e in _logprobs(greedy)]
+    off, _ = _run(engine, PROMPT, temperature=0.0, max_tokens=8)
+    assert _ids(off) == _ids(greedy) and all(d.logprobs == [] for d in off)  # off by default
+
+
+def test_logprobs_are_taken_before_the_sampler_reshapes_the_distribution(
+    engine: LlamaCppEngine, reference: Llama
+) -> None:
+    # A logit bias of +100 forces " world": the sampler sees probability ~1, the model did not.
+    forced = _token_of(engine, " world")
+    deltas, _ = _run(
+        engine, PROMPT, seed=5, logit_bias={forced: 100.0}, max_tokens=4, logprobs=LogprobOptions()
+    )
+    assert _ids(deltas) == [forced] * 4
+    prompt = engine.tokenize(PROMPT, add_special=True, parse_special=False)
+    expected = _reference_logprobs(reference, prompt, _ids(deltas))
+    for row, entry in zip(expected, _logprobs(deltas), strict=True):
+        assert entry.logprob == pytest.approx(row[forced], abs=TOLERANCE)
+        assert entry.logprob < math.log(0.5)  # the random model spreads its mass thinly
+
+
+def test_a_delta_of_several_byte_tokens_carries_one_logprob_per_token(
+    engine: LlamaCppEngine,
+) -> None:
+    deltas, _ = _run(
+        engine, "hello", seed=3, grammar='root ::= "猫"{3}', logprobs=LogprobOptions(top_logprobs=2)
+    )
+    cats = [d for d in deltas if d.text == "猫"]
+    assert len(cats) == 3
+    for delta in cats:
+        assert len(delta.token_ids) == len(delta.logprobs) == 3
+        assert b"".join(lp.token for lp in delta.logprobs) == "猫".encode()
+        assert all(lp.logprob <= 0 and len(lp.top_logprobs) == 2 for lp in delta.logprobs)
+
+
+def test_chat_streams_logprobs_too(engine: LlamaCppEngine) -> None:
+    events = engine.chat(
+        [ChatMessage(role=ChatRole.USER, content="hi")],
+        SamplingParams(seed=2, logprobs=LogprobOptions(top_logprobs=1)),
+        StoppingCriteria(max_tokens=6, ignore_eos=True),
+        cancel=threading.Event(),
+    )
+    deltas, _ = _split(list(events))
+    entries = _logprobs(deltas)
+    assert len(entries) == 6 and all(len(e.top_logprobs) == 1 for e in entries)
+    assert all(e.top_logprobs[0].logprob >= e.logprob for e in entries)
+
+
+def test_logprob_options_are_validated_at_the_call(engine: LlamaCppEngine) -> None:
+    with pytest.raises(InvalidArgument) as bad:
+        _run(engine, logprobs=LogprobOptions(top_logprobs=MAX_TOP_LOGPROBS + 1))
+    assert [v.field for v in bad.value.field_violations] == ["logprobs.top_logprobs"]
 
 
 # --- chat -----------------------------------------------------------------------------------

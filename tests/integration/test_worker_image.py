@@ -28,7 +28,7 @@ from services.worker.engines.diffusers_engine import DiffusersEngine
 from services.worker.engines.fake import FakeEngine
 from services.worker.engines.image_base import ImageEngine
 from services.worker.service import WorkerService
-from tests.fixtures.sd_models import tiny_sd_pipeline_under
+from tests.fixtures.sd_models import tiny_sd_pipeline_under, write_foreign_lora, write_tiny_lora
 from tests.integration.server_harness import error_reason, serve_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.sd]
@@ -216,7 +216,12 @@ def test_bad_requests_are_invalid_argument(stub: Any) -> None:
         ({"steps": 500}, "params.steps"),
         ({"scheduler": "warp"}, "params.scheduler"),
         ({"clip_skip": 2}, "params.clip_skip"),
-        ({"loras": [load_pb2.LoraAdapter(path="/x.safetensors", weight=0.5)]}, "params.loras"),
+        (
+            {"loras": [load_pb2.LoraAdapter(path="/x.safetensors", weight=9)]},
+            "params.loras[0].weight",
+        ),
+        ({"loras": [load_pb2.LoraAdapter(path="x.safetensors")]}, "params.loras[0].path"),
+        ({"loras": [load_pb2.LoraAdapter(model="models/style")]}, "params.loras[0].model"),
     ):
         with pytest.raises(grpc.RpcError) as caught:
             imagine(stub, **fields)
@@ -350,3 +355,89 @@ def test_queue_overflow_and_model_mismatch(stub: Any, worker: ImageWorker) -> No
     wait_for(lambda: worker.service.state.value == "ready", 5.0)
     progress, _ = imagine(stub, seed=2)
     assert len(progress) == STEPS
+
+
+# ---- LoRAs -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_dir(sd_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("worker-loras")
+    write_tiny_lora(folder / "style.safetensors", sd_folder, seed=1, with_text_encoder=True)
+    write_foreign_lora(folder / "foreign.safetensors")
+    return folder
+
+
+def test_a_lora_applies_to_its_request_only(stub: Any, lora_dir: Path) -> None:
+    style = str(lora_dir / "style.safetensors")
+    _, base = imagine(stub, seed=21)
+    progress, styled = imagine(stub, seed=21, loras=[load_pb2.LoraAdapter(path=style, weight=1.5)])
+    _, after = imagine(stub, seed=21)
+    _, at_zero = imagine(stub, seed=21, loras=[load_pb2.LoraAdapter(path=style, weight=0.0)])
+    assert [p.step for p in progress] == list(range(1, STEPS + 1))
+    assert styled.images[0].data != base.images[0].data
+    assert after.images[0].data == base.images[0].data
+    assert at_zero.images[0].data == base.images[0].data
+
+
+def test_missing_and_incompatible_loras(stub: Any, worker: ImageWorker, lora_dir: Path) -> None:
+    missing = load_pb2.LoraAdapter(path=str(lora_dir / "missing.safetensors"))
+    with pytest.raises(grpc.RpcError) as not_found:
+        imagine(stub, loras=[missing])
+    assert not_found.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_reason(not_found.value) == "FILE_NOT_FOUND"
+    foreign = load_pb2.LoraAdapter(path=str(lora_dir / "foreign.safetensors"))
+    with pytest.raises(grpc.RpcError) as incompatible:
+        imagine(stub, seed=3, loras=[foreign])
+    assert incompatible.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_reason(incompatible.value) == "INCOMPATIBLE_MODEL"
+    assert "size mismatch" in (incompatible.value.details() or "")
+    wait_for(lambda: worker.service.state.value == "ready", 5.0)
+    progress, result = imagine(stub, seed=3)
+    assert len(progress) == STEPS and len(result.images) == 1
+
+
+def test_loras_at_load_are_fused_and_reported(stub: Any, sd_folder: Path, lora_dir: Path) -> None:
+    _, base = imagine(stub, seed=31)
+    style = load_pb2.LoraAdapter(path=str(lora_dir / "style.safetensors"), weight=-0.5)
+    options = load_pb2.ImageLoadOptions(dtype="float32", attention_slicing=True)
+    try:
+        list(
+            stub.LoadModel(
+                pb.LoadModelRequest(
+                    model="models/tiny-sd",
+                    paths=[str(sd_folder)],
+                    image=load_pb2.ImageLoadOptions(
+                        dtype="float32", attention_slicing=True, loras=[style]
+                    ),
+                ),
+                timeout=RPC_TIMEOUT,
+            )
+        )
+        info = stub.GetWorker(pb.WorkerServiceGetWorkerRequest(), timeout=RPC_TIMEOUT)
+        assert [(x.path, x.weight) for x in info.loaded_model.image.loras] == [(style.path, -0.5)]
+        _, fused = imagine(stub, seed=31)
+        assert fused.images[0].data != base.images[0].data
+        with pytest.raises(grpc.RpcError) as catalog:
+            list(
+                stub.LoadModel(
+                    pb.LoadModelRequest(
+                        paths=[str(sd_folder)],
+                        image=load_pb2.ImageLoadOptions(
+                            loras=[load_pb2.LoraAdapter(model="models/style")]
+                        ),
+                    ),
+                    timeout=RPC_TIMEOUT,
+                )
+            )
+        assert catalog.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "image.loras[0].model" in (catalog.value.details() or "")
+    finally:
+        list(
+            stub.LoadModel(
+                pb.LoadModelRequest(model="models/tiny-sd", paths=[str(sd_folder)], image=options),
+                timeout=RPC_TIMEOUT,
+            )
+        )
+    _, reloaded = imagine(stub, seed=31)
+    assert reloaded.images[0].data == base.images[0].data

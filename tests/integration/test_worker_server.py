@@ -366,3 +366,25 @@ def test_real_llama_cpp_engine_over_grpc(tmp_path: Path) -> None:
         assert final.usage.prompt_tokens > 3 and final.usage.completion_tokens == 5
         ids = stub.Tokenize(gen_pb.TokenizeRequest(text="hello"), timeout=RPC_TIMEOUT).token_ids
         assert len(ids) >= 2
+
+
+def test_logprobs_survive_deltas_merged_behind_a_slow_reader(
+    stub: Any, fake: FakeEngine, model_file: Path
+) -> None:
+    """A reader that falls behind gets queued deltas merged into one message: every token id
+    in it still carries its log probability, in order."""
+    load(stub, model_file)
+    request = gen_pb.GenerateRequest(
+        prompt="hi",
+        sampling=gen_pb.SamplingParams(seed=1),
+        logprobs=gen_pb.LogprobOptions(enabled=True, top_logprobs=3),
+    )
+    stream = stub.Generate(request, timeout=RPC_TIMEOUT)
+    first = next(stream)
+    time.sleep(0.3)  # the engine finishes meanwhile: the rest is queued and merged
+    deltas = [first.delta] + [m.delta for m in stream if m.WhichOneof("event") == "delta"]
+    assert len(deltas) < len("héllo, wörld")  # some were merged
+    ids = [i for d in deltas for i in d.token_ids]
+    logprobs = [lp for d in deltas for lp in d.logprobs]
+    assert [lp.token_id for lp in logprobs] == ids
+    assert all(len(lp.top_logprobs) == 3 and lp.logprob <= 0 for lp in logprobs)

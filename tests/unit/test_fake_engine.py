@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from pathlib import Path
@@ -15,17 +16,25 @@ from services.common.errors import (
     NotFound,
 )
 from services.worker.engines.base import (
+    MAX_TOP_LOGPROBS,
     ChatMessage,
     ChatRole,
     FinishReason,
     GenerationEvent,
     GenerationResult,
     LlmLoadOptions,
+    LogprobOptions,
     SamplingParams,
     StoppingCriteria,
     TokenDelta,
 )
-from services.worker.engines.fake import FakeEngine
+from services.worker.engines.fake import (
+    BYTE_OFFSET,
+    LOG_NORMALIZER,
+    N_VOCAB,
+    FakeEngine,
+    fake_token_logprob,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -250,3 +259,62 @@ def test_tokenize_detokenize_round_trip_and_requires_a_model(model_file: Path) -
     assert engine.tokenize("<s>x", add_special=False, parse_special=True)[0] == 1
     with pytest.raises(InvalidArgument):
         engine.detokenize([10_000], skip_special=True)
+
+
+def _run_logprobs(
+    engine: FakeEngine, prompt: str, logprobs: LogprobOptions | None, **stopping: object
+) -> tuple[list[TokenDelta], GenerationResult]:
+    return _split(
+        list(
+            engine.generate(
+                prompt,
+                SamplingParams(seed=7, logprobs=logprobs),
+                StoppingCriteria(**stopping),  # type: ignore[arg-type]
+                cancel=threading.Event(),
+            )
+        )
+    )
+
+
+def test_logprobs_are_the_documented_fixed_distribution(model_file: Path) -> None:
+    engine = _loaded(model_file, reply="aé")
+    deltas, _ = _run_logprobs(engine, "x", LogprobOptions(top_logprobs=3))
+    # "é" is two byte tokens in one delta: one entry per token id, in order.
+    assert [len(d.logprobs) for d in deltas] == [len(d.token_ids) for d in deltas] == [1, 2]
+    entries = [lp for d in deltas for lp in d.logprobs]
+    assert [lp.token_id for lp in entries] == [i for d in deltas for i in d.token_ids]
+    assert b"".join(lp.token for lp in entries) == "aé".encode()
+    a = BYTE_OFFSET + ord("a")
+    first = entries[0]
+    assert [t.token_id for t in first.top_logprobs] == [a, a + 1, a + 2]
+    assert [t.token for t in first.top_logprobs] == [b"a", b"b", b"c"]
+    expected = [-LOG_NORMALIZER, -1 - LOG_NORMALIZER, -2 - LOG_NORMALIZER]
+    assert [t.logprob for t in first.top_logprobs] == pytest.approx(expected)
+    assert first.logprob == first.top_logprobs[0].logprob
+    # A distribution: the whole vocabulary's probabilities sum to 1.
+    everything = fake_token_logprob(a, N_VOCAB)
+    assert sum(math.exp(t.logprob) for t in everything.top_logprobs) == pytest.approx(1.0)
+    assert len({t.token_id for t in everything.top_logprobs}) == N_VOCAB  # ids wrap around
+
+
+def test_logprobs_off_by_default_and_n_zero_and_bounds(model_file: Path) -> None:
+    engine = _loaded(model_file, reply="abc")
+    off, _ = _run_logprobs(engine, "x", None)
+    assert off and all(d.logprobs == [] for d in off)
+    sampled_only, _ = _run_logprobs(engine, "x", LogprobOptions(top_logprobs=0))
+    entries = [lp for d in sampled_only for lp in d.logprobs]
+    assert len(entries) == 3 and all(lp.top_logprobs == [] for lp in entries)
+    assert all(lp.logprob == pytest.approx(-LOG_NORMALIZER) for lp in entries)
+    with pytest.raises(InvalidArgument) as bad:
+        _run_logprobs(engine, "x", LogprobOptions(top_logprobs=MAX_TOP_LOGPROBS + 1))
+    assert [v.field for v in bad.value.field_violations] == ["logprobs.top_logprobs"]
+
+
+def test_logprobs_of_held_back_tokens_come_with_their_ids(model_file: Path) -> None:
+    # The stop sequence's tokens are held back, then dropped from the text: their ids (and
+    # log probabilities) still arrive, once.
+    engine = _loaded(model_file, reply="ab STOP cd")
+    deltas, result = _run_logprobs(engine, "x", LogprobOptions(), stop=["STOP"])
+    ids = [i for d in deltas for i in d.token_ids]
+    assert [lp.token_id for d in deltas for lp in d.logprobs] == ids
+    assert len(ids) == result.completion_tokens == len("ab STOP")

@@ -117,7 +117,8 @@ def test_format_source_round_trips() -> None:
         "hf:org/repo:a/b.gguf@main",
         "civitai:7:x.safetensors",
         "https://h/x.gguf",
-        "file:/m/x.gguf",
+        "file:///m/x.gguf",
+        "file:///m/with%20space%25.gguf",
     ):
         assert format_source(parse_source(text)) == text
 

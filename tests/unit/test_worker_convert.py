@@ -11,7 +11,7 @@ import pytest
 
 from rbee.common.v1 import device_pb2, runtime_pb2
 from rbee.worker.v1 import generation_pb2 as gen_pb
-from rbee.worker.v1 import load_pb2
+from rbee.worker.v1 import image_pb2, load_pb2
 from rbee.worker.v1 import worker_pb2 as pb
 from services.catalog.domain import Backend, DeviceKind, KvCacheType
 from services.common.errors import InvalidArgument
@@ -24,10 +24,14 @@ from services.worker.engines.base import (
     GenerationResult,
     LlmLoadOptions,
     LoadedModel,
+    LogprobOptions,
     SamplingParams,
     StoppingCriteria,
     TokenDelta,
+    TokenLogprob,
+    TopLogprob,
 )
+from services.worker.engines.image_base import ImageLoadOptions, LoraWeight
 from services.worker.service import (
     ChatGenerationRequest,
     CompletedGeneration,
@@ -132,17 +136,55 @@ def test_chat_request_round_trip_and_roles() -> None:
     assert convert.chat_request_from_pb(convert.chat_request_to_pb(request)) == request
 
 
-def test_chat_refuses_unset_roles_tools_and_logprobs() -> None:
+def test_chat_refuses_unset_roles_and_tools() -> None:
     with pytest.raises(InvalidArgument, match=r"messages\[0\]\.role"):
         convert.chat_request_from_pb(gen_pb.ChatRequest(messages=[gen_pb.ChatMessage(content="x")]))
     with pytest.raises(InvalidArgument, match="tools"):
         convert.chat_request_from_pb(gen_pb.ChatRequest(tools=[gen_pb.Tool(name="f")]))
-    with pytest.raises(InvalidArgument, match="logprobs"):
-        convert.generate_request_from_pb(
-            gen_pb.GenerateRequest(prompt="x", logprobs=gen_pb.LogprobOptions(enabled=True))
-        )
     with pytest.raises(InvalidArgument, match="stop"):
         convert.stopping_from_pb(gen_pb.StoppingCriteria(stop=["ok", ""]))
+
+
+def test_logprob_options_reach_the_engine_sampling_of_both_requests() -> None:
+    on = gen_pb.LogprobOptions(enabled=True, top_logprobs=5)
+    generate = convert.generate_request_from_pb(gen_pb.GenerateRequest(prompt="x", logprobs=on))
+    chat = convert.chat_request_from_pb(
+        gen_pb.ChatRequest(
+            messages=[gen_pb.ChatMessage(role=gen_pb.CHAT_ROLE_USER, content="x")], logprobs=on
+        )
+    )
+    assert generate.sampling.logprobs == chat.sampling.logprobs == LogprobOptions(top_logprobs=5)
+    only_sampled = gen_pb.LogprobOptions(enabled=True)
+    assert convert.logprob_options_from_pb(only_sampled) == LogprobOptions(top_logprobs=0)
+    # Off by default: unset options are None (no log probabilities), with other sampling kept.
+    off = convert.generate_request_from_pb(
+        gen_pb.GenerateRequest(prompt="x", sampling=gen_pb.SamplingParams(seed=3))
+    )
+    assert off.sampling.logprobs is None and off.sampling.seed == 3
+    for options in (None, LogprobOptions(), LogprobOptions(top_logprobs=20)):
+        assert convert.logprob_options_from_pb(convert.logprob_options_to_pb(options)) == options
+    request = GenerationRequest(
+        prompt="x", sampling=SamplingParams(seed=1, logprobs=LogprobOptions(top_logprobs=2))
+    )
+    assert convert.generate_request_from_pb(convert.generate_request_to_pb(request)) == request
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        (gen_pb.LogprobOptions(enabled=True, top_logprobs=21), "logprobs.top_logprobs"),
+        (gen_pb.LogprobOptions(enabled=False, top_logprobs=3), "logprobs.top_logprobs"),
+    ],
+)
+def test_logprob_options_beyond_the_bounds_are_invalid(
+    options: gen_pb.LogprobOptions, field: str
+) -> None:
+    with pytest.raises(InvalidArgument) as generate:
+        convert.generate_request_from_pb(gen_pb.GenerateRequest(prompt="x", logprobs=options))
+    with pytest.raises(InvalidArgument) as chat:
+        convert.chat_request_from_pb(gen_pb.ChatRequest(logprobs=options))
+    for error in (generate.value, chat.value):
+        assert [v.field for v in error.field_violations] == [field]
 
 
 def test_llm_load_options_round_trip() -> None:
@@ -245,6 +287,55 @@ def test_stream_events_round_trip_and_result_fields() -> None:
     assert result.finish_reason == gen_pb.FINISH_REASON_STOP_SEQUENCE
 
 
+def test_delta_logprobs_map_one_entry_per_token_with_alternatives_in_order() -> None:
+    # "é" split across two byte tokens: one delta, two ids, two log probabilities.
+    first = TokenLogprob(
+        token_id=198,
+        token=b"\xc3",
+        logprob=-0.25,
+        top_logprobs=[
+            TopLogprob(token_id=198, token=b"\xc3", logprob=-0.25),
+            TopLogprob(token_id=2, token=b"", logprob=-1.5),
+        ],
+    )
+    second = TokenLogprob(token_id=172, token=b"\xa9", logprob=-3.0)
+    delta = TokenDelta(text="é", token_ids=[198, 172], logprobs=[first, second])
+    msg = convert.stream_event_to_pb(delta)
+    wire = msg.delta.logprobs
+    assert [e.token_id for e in wire] == [198, 172] and wire[0].token + wire[1].token == b"\xc3\xa9"
+    assert [(t.token_id, t.token, t.logprob) for t in wire[0].top_logprobs] == [
+        (198, b"\xc3", -0.25),
+        (2, b"", -1.5),
+    ]
+    assert not wire[1].top_logprobs
+    # Dyadic values: exact in float32, so the round trip is exact.
+    assert convert.stream_event_from_pb(msg) == delta
+    # The wire is float32: other values come back within float32's precision.
+    precise = TokenDelta(
+        text="a", token_ids=[4], logprobs=[TokenLogprob(token_id=4, token=b"a", logprob=-0.1)]
+    )
+    back = convert.stream_event_from_pb(convert.stream_event_to_pb(precise))
+    assert isinstance(back, TokenDelta)
+    assert back.logprobs[0].logprob == pytest.approx(-0.1, rel=1e-7)
+    # Without logprobs the message has none (off by default).
+    plain = convert.stream_event_to_pb(TokenDelta(text="a", token_ids=[4]))
+    assert not plain.delta.logprobs
+
+
+def test_joined_deltas_keep_every_log_probability() -> None:
+    deltas = [
+        TokenDelta(
+            text=text,
+            token_ids=[i],
+            logprobs=[TokenLogprob(token_id=i, token=text.encode(), logprob=-float(i))],
+        )
+        for i, text in enumerate("abc", start=4)
+    ]
+    joined = TokenDelta.joined(deltas)
+    assert joined.text == "abc" and joined.token_ids == [4, 5, 6]
+    assert [lp.logprob for lp in joined.logprobs] == [-4.0, -5.0, -6.0]
+
+
 def test_durations_never_go_negative_or_overflow_nanos() -> None:
     assert convert.duration_from_pb(convert.duration_to_pb(-1.0)) == 0.0
     almost = convert.duration_to_pb(2.9999999999)
@@ -337,3 +428,63 @@ def test_worker_to_pb_without_a_model_and_on_cpu() -> None:
     )
     assert response.WhichOneof("event") == "worker"
     assert response.worker.loaded_model.ram_bytes == 1_000_000
+
+
+# ---- image LoRAs -------------------------------------------------------------------------------
+
+
+def image_request_with(*loras: load_pb2.LoraAdapter) -> image_pb2.GenerateImageRequest:
+    return image_pb2.GenerateImageRequest(params=image_pb2.ImageParams(prompt="x", loras=loras))
+
+
+def test_image_request_loras_by_path_keep_their_weights_and_unset_is_one() -> None:
+    request = convert.image_request_from_pb(
+        image_request_with(
+            load_pb2.LoraAdapter(path="/l/a.safetensors", weight=0.5),
+            load_pb2.LoraAdapter(path="/l/b.safetensors"),
+            load_pb2.LoraAdapter(path="/l/c.safetensors", weight=0.0),  # set: not the default
+        )
+    )
+    assert request.params.loras == [
+        LoraWeight(path="/l/a.safetensors", scale=0.5),
+        LoraWeight(path="/l/b.safetensors", scale=1.0),
+        LoraWeight(path="/l/c.safetensors", scale=0.0),
+    ]
+    assert convert.image_request_from_pb(image_request_with()).params.loras == []
+
+
+def test_image_load_options_loras_round_trip() -> None:
+    options = ImageLoadOptions(
+        dtype="float16",
+        loras=[
+            LoraWeight(path="/l/a.safetensors", scale=-0.75),
+            LoraWeight(path="/l/b.safetensors", scale=1.0),
+        ],
+    )
+    msg = convert.image_load_options_to_pb(options)
+    assert [(lora.path, lora.weight) for lora in msg.loras] == [
+        ("/l/a.safetensors", -0.75),
+        ("/l/b.safetensors", 1.0),
+    ]
+    assert convert.image_load_options_from_pb(msg) == options
+    assert convert.image_load_options_from_pb(load_pb2.ImageLoadOptions()).loras == []
+
+
+@pytest.mark.parametrize(
+    ("lora", "field", "says"),
+    [
+        (load_pb2.LoraAdapter(model="models/style", weight=0.8), "loras[1].model", "models/style"),
+        (load_pb2.LoraAdapter(weight=0.8), "loras[1].path", "absolute path"),
+    ],
+)
+def test_catalog_loras_and_loras_without_a_target_are_refused(
+    lora: load_pb2.LoraAdapter, field: str, says: str
+) -> None:
+    good = load_pb2.LoraAdapter(path="/l/a.safetensors")
+    with pytest.raises(InvalidArgument) as in_request:
+        convert.image_request_from_pb(image_request_with(good, lora))
+    assert in_request.value.field_violations[0].field == f"params.{field}"
+    assert says in str(in_request.value)
+    with pytest.raises(InvalidArgument) as at_load:
+        convert.image_load_options_from_pb(load_pb2.ImageLoadOptions(loras=[good, lora]))
+    assert at_load.value.field_violations[0].field == f"image.{field}"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from services.common.errors import InvalidArgument
 from services.provisioner.domain import CivitaiSpec, HfSpec, LocalSpec, SourceSpec, UrlSpec
@@ -210,4 +210,6 @@ def format_source(spec: SourceSpec) -> str:
         return f"civitai:{spec.version_id}" + (f":{spec.filename}" if spec.filename else "")
     if isinstance(spec, UrlSpec):
         return spec.url
-    return f"file:{spec.path}"
+    # A file URL, percent-encoded: a path with leading or trailing spaces (which the parser
+    # strips from the whole string) or a '%' reads back exactly.
+    return "file://" + quote(str(spec.path))

@@ -17,6 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.catalog.domain import KvCacheType
+from services.common.errors import InvalidArgument
 
 # progress(fraction 0..1, message)
 ProgressCallback = Callable[[float, str], None]
@@ -37,8 +38,40 @@ class LlmLoadOptions(BaseModel):
     use_mmap: bool = True
 
 
+# The most alternatives a request may ask for per position (the proto documents 0 to 20).
+MAX_TOP_LOGPROBS = 20
+
+
+class LogprobOptions(BaseModel):
+    """Ask for log probabilities in the token deltas (rbee.worker.v1.LogprobOptions).
+
+    Each generated token gets the log probability of the sampled token and, with
+    `top_logprobs` N > 0, the N most likely tokens at that position. The distribution is the
+    model's own: log-softmax of the raw logits over the whole vocabulary, BEFORE the sampler
+    chain (logit bias, penalties, grammar, temperature, top-k/p...) reshapes it, so the numbers
+    say what the model thinks, whatever the sampling settings.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    top_logprobs: int = 0  # 0..MAX_TOP_LOGPROBS alternatives per position
+
+
+def check_logprob_options(options: LogprobOptions | None) -> None:
+    """InvalidArgument unless `options` is None (off) or asks for 0..MAX_TOP_LOGPROBS."""
+    if options is not None and not 0 <= options.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidArgument.for_field(
+            "logprobs.top_logprobs",
+            f"must be in [0, {MAX_TOP_LOGPROBS}], got {options.top_logprobs}",
+        )
+
+
 class SamplingParams(BaseModel):
-    """Per-request sampling. None means the engine default (documented in the proto)."""
+    """Per-request sampling. None means the engine default (documented in the proto).
+
+    `logprobs` rides here (it is a per-request option of the token loop, like the sampler's)
+    so that every caller that passes the sampling on passes it too; None = off.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -55,6 +88,7 @@ class SamplingParams(BaseModel):
     logit_bias: dict[int, float] = Field(default_factory=dict)
     grammar: str | None = None  # GBNF
     json_schema: str | None = None  # a JSON schema (converted to a grammar)
+    logprobs: LogprobOptions | None = None  # None: no log probabilities in the deltas
 
 
 class StoppingCriteria(BaseModel):
@@ -87,13 +121,46 @@ class FinishReason(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
+class TopLogprob(BaseModel):
+    """One of the most likely tokens at a position."""
+
+    token_id: int
+    token: bytes  # the token's piece (may be part of a multi-byte character; b"" for control)
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    """The log probability of one generated token, and the best alternatives at its position
+    (best first; the generated token is among them when it ranks in the top N)."""
+
+    token_id: int
+    token: bytes  # the bytes it added to the output (b"" for a control token)
+    logprob: float
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
 class TokenDelta(BaseModel):
     """Newly complete text (never a partial UTF-8 character, never part of a stop sequence)
     and the token ids that produced it (a delta may carry several ids, or ids whose text is
-    still held back)."""
+    still held back). `logprobs`: when asked for, one entry per id of `token_ids`, in order;
+    empty otherwise."""
 
     text: str
     token_ids: list[int] = Field(default_factory=list)
+    # A plain default, not default_factory: pydantic (2.14) inspects a factory's signature on
+    # every model_construct (hundreds of microseconds, measured), and deltas are
+    # model_construct-ed per message without this field. Pydantic copies the default.
+    logprobs: list[TokenLogprob] = []
+
+    @classmethod
+    def joined(cls, deltas: Sequence[TokenDelta]) -> TokenDelta:
+        """One delta carrying `deltas` in order (text, ids and log probabilities)."""
+        # model_construct: the parts are valid already, and this runs per message.
+        return cls.model_construct(
+            text="".join(d.text for d in deltas),
+            token_ids=[i for d in deltas for i in d.token_ids],
+            logprobs=[lp for d in deltas for lp in d.logprobs],
+        )
 
 
 class GenerationResult(BaseModel):

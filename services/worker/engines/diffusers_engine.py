@@ -14,24 +14,43 @@
   A1111 use for SD1.x latents) instead of a VAE decode: one small matrix product instead of a
   full decoder pass, at the price of a blurry, slightly off-colour picture at latent
   resolution, scaled up to `preview_size`. Latents without 4 channels get no preview.
-- LoRAs are refused (INVALID_ARGUMENT): diffusers needs `peft` for them, not installed here.
+- LoRAs per request (`params.loras`): safetensors files on the worker host, loaded with
+  `pipeline.load_lora_weights` (peft) under an adapter name derived from a hash of the file's
+  resolved path, size and mtime, so a LoRA reused across requests is read once (a rewritten file
+  gets a fresh adapter). At most `max_cached_loras` adapters stay loaded; the least recently
+  used one not in the current request is deleted first. A request activates exactly its
+  adapters with their weights (`set_adapters` + `enable_lora`) and ends, however it ends, with
+  `disable_lora`, so a request without LoRAs runs the base weights (bit for bit). A file that
+  is not a LoRA for this pipeline is FAILED_PRECONDITION (INCOMPATIBLE_MODEL) with diffusers'
+  reason; diffusers removes the half-loaded adapter, and we make sure of it.
+- LoRAs at load (`image.loras`) are fused into the pipeline's weights with their weights
+  (`fuse_lora`), then peft's layers are dropped (`unload_lora_weights`): they cost nothing per
+  step, cannot be turned off but by loading again, and requests' LoRAs apply on top.
+- Pickled LoRAs (.bin, .pt, .ckpt) are refused: unpickling runs code from the file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import logging
+import math
 import secrets
 import threading
 import time
 import warnings
+from collections import OrderedDict
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from services.common.errors import Cancelled, FailedPrecondition, InvalidArgument
+from services.common.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
 from services.worker.engines.base import LoadedModel, ProgressCallback
 from services.worker.engines.image_base import (
     MAX_COUNT,
+    MAX_LORA_SCALE,
+    MAX_LORAS,
     MAX_SIDE,
     MAX_STEPS,
     MIN_SIDE,
@@ -43,6 +62,7 @@ from services.worker.engines.image_base import (
     ImageProgress,
     ImageProgressCallback,
     ImageResult,
+    LoraWeight,
 )
 
 logger = logging.getLogger(__name__)
@@ -63,6 +83,12 @@ DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_GUIDANCE_XL = 5.0
 SEED_MODULUS = 2**64
+# LoRA adapters kept loaded between requests (each holds its weights in device memory: an SDXL
+# LoRA is tens to hundreds of MB).
+DEFAULT_MAX_CACHED_LORAS = 4
+LORA_SUFFIX = ".safetensors"
+# diffusers' load errors can list every mismatched tensor; the client gets the start.
+MAX_REASON_CHARS = 400
 # Rows: the 4 latent channels; columns: R, G, B (SD1.x VAE; close enough for SD2/SDXL previews).
 LATENT_RGB_FACTORS = (
     (0.3512, 0.2297, 0.3227),
@@ -108,10 +134,70 @@ def check_image_params(params: ImageParams) -> None:
         raise InvalidArgument.for_field("params.seed", "must be 0 to 2^64-1")
     if params.scheduler is not None:
         _check_scheduler(params.scheduler, "params.scheduler")
-    if params.loras:
-        raise InvalidArgument.for_field(
-            "params.loras", "LoRAs are not supported by this worker yet (diffusers needs peft)"
-        )
+    check_loras(params.loras, "params.loras")
+
+
+def check_loras(loras: Sequence[LoraWeight], field: str) -> None:
+    """InvalidArgument naming the first bad LoRA field (`{field}[i].path` or `.weight`): at most
+    MAX_LORAS, absolute .safetensors paths, finite weights within +-MAX_LORA_SCALE. Touches no
+    file (see check_lora_files)."""
+    if len(loras) > MAX_LORAS:
+        raise InvalidArgument.for_field(field, f"at most {MAX_LORAS} LoRAs, got {len(loras)}")
+    for index, lora in enumerate(loras):
+        path = Path(lora.path)
+        if not lora.path or not path.is_absolute():
+            raise InvalidArgument.for_field(
+                f"{field}[{index}].path",
+                f"must be an absolute path on the worker host, got {lora.path!r}",
+            )
+        if path.suffix.lower() != LORA_SUFFIX:
+            raise InvalidArgument.for_field(
+                f"{field}[{index}].path",
+                f"must be a {LORA_SUFFIX} file (pickled .bin/.pt/.ckpt LoRAs are refused: "
+                f"loading them runs code), got {path.name!r}",
+            )
+        if not math.isfinite(lora.scale) or abs(lora.scale) > MAX_LORA_SCALE:
+            raise InvalidArgument.for_field(
+                f"{field}[{index}].weight",
+                f"must be from {-MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}, got {lora.scale}",
+            )
+
+
+def check_lora_files(loras: Sequence[LoraWeight], field: str) -> None:
+    """NotFound (FILE_NOT_FOUND) for the first LoRA whose file is not on the worker host."""
+    for lora in loras:
+        if not Path(lora.path).is_file():
+            raise NotFound(
+                f"{field}: no such LoRA file on the worker host: {lora.path}",
+                resource_type="file",
+                resource_name=lora.path,
+                reason="FILE_NOT_FOUND",
+            )
+
+
+def lora_adapter_name(path: Path) -> str:
+    """The adapter name of the LoRA file at `path`: a hash of its resolved path, size and mtime,
+    so the same file maps to the same cached adapter and a rewritten one to a new adapter."""
+    resolved = path.resolve()
+    stat = resolved.stat()
+    key = f"{resolved}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
+    return "lora_" + hashlib.sha256(key).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _peft_notes_silenced() -> Iterator[None]:
+    """peft warns about what a cache of adapters does on purpose (several adapters in a model,
+    the others' keys "missing" from each file, deleting one that was active): log noise here."""
+    with warnings.catch_warnings():
+        for message in ("missing keys", "multiple adapters", "is now deleted"):
+            warnings.filterwarnings("ignore", message=f".*{message}.*", category=UserWarning)
+        yield
+
+
+def _short_reason(exc: BaseException) -> str:
+    """The start of `exc`'s message on one line (torch lists one line per mismatched tensor)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS] + "..."
 
 
 def _encode_png(image: Any) -> bytes:
@@ -204,6 +290,7 @@ class _StepReporter:
 class DiffusersEngine(ImageEngine):
     """diffusers text-to-image pipelines on one torch device ("cpu", "cuda", "mps").
 
+    `max_cached_loras` bounds the per-request LoRA adapters kept loaded between requests.
     `threads` sets torch's intra-op threads (process-wide) when a model loads; None leaves
     torch's default (all cores). On a busy or small CPU fewer threads can be much faster:
     torch's OpenMP workers spin while they wait for cores (measured here on 2 shared cores with
@@ -212,9 +299,18 @@ class DiffusersEngine(ImageEngine):
 
     backend = "diffusers"
 
-    def __init__(self, device: str = "cpu", *, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        device: str = "cpu",
+        *,
+        threads: int | None = None,
+        max_cached_loras: int = DEFAULT_MAX_CACHED_LORAS,
+    ) -> None:
         self._device = device
         self._threads = threads
+        self._max_cached_loras = max(1, max_cached_loras)
+        # adapter name -> LoRA path, least recently used first (see the module docstring).
+        self._adapters: OrderedDict[str, str] = OrderedDict()
         self._pipe: Any = None
         self._loaded: LoadedModel | None = None
         self._base_scheduler_config: Any = None
@@ -224,6 +320,11 @@ class DiffusersEngine(ImageEngine):
     @property
     def loaded(self) -> LoadedModel | None:
         return self._loaded
+
+    @property
+    def cached_loras(self) -> list[str]:
+        """The paths of the LoRAs loaded as adapters, least recently used first."""
+        return list(self._adapters.values())
 
     # ---- load ----------------------------------------------------------------------------------
 
@@ -250,6 +351,8 @@ class DiffusersEngine(ImageEngine):
         dtype = self._dtype(options.dtype)
         if options.scheduler is not None:
             _check_scheduler(options.scheduler, "image.scheduler")
+        check_loras(options.loras, "image.loras")
+        check_lora_files(options.loras, "image.loras")
         if not path.is_dir():
             raise FailedPrecondition(
                 f"{path.name} is a single file; this worker loads diffusers folders only for "
@@ -294,6 +397,9 @@ class DiffusersEngine(ImageEngine):
             pipe.vae.enable_tiling()
         if options.vae_slicing:
             pipe.vae.enable_slicing()
+        if options.loras:
+            progress(0.8, f"fusing {len(options.loras)} LoRA(s)")
+            self._fuse_loras(pipe, options.loras, cancel)
         self._base_scheduler_config = pipe.scheduler.config
         self._own_scheduler = pipe.scheduler
         if options.scheduler is not None:
@@ -326,6 +432,7 @@ class DiffusersEngine(ImageEngine):
         self._pipe = None
         self._loaded = None
         self._own_scheduler = None
+        self._adapters.clear()
         if self._device.startswith("cuda"):
             import torch
 
@@ -341,8 +448,119 @@ class DiffusersEngine(ImageEngine):
         return cls.from_config(self._base_scheduler_config, **extra)
 
     def check_params(self, params: ImageParams) -> None:
-        """See check_image_params."""
+        """check_image_params, then the LoRA files' presence (NotFound)."""
         check_image_params(params)
+        check_lora_files(params.loras, "params.loras")
+
+    # ---- LoRAs ---------------------------------------------------------------------------------
+
+    def _fuse_loras(self, pipe: Any, loras: Sequence[LoraWeight], cancel: threading.Event) -> None:
+        """Fuse `loras` with their weights into the pipeline's own weights (`image.loras` at
+        load): no per-step cost, and requests' LoRAs still apply on top."""
+        names = []
+        for index, lora in enumerate(loras):
+            if cancel.is_set():
+                raise Cancelled("the load was cancelled")
+            name = f"fused_{index}"
+            self._load_lora(pipe, Path(lora.path), name, f"image.loras[{index}]")
+            names.append(name)
+        pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
+        pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+        # The deltas are in the base weights now: drop peft's layers (and their memory).
+        pipe.unload_lora_weights()
+
+    def _load_lora(self, pipe: Any, path: Path, name: str, field: str) -> None:
+        """Load the LoRA at `path` as adapter `name`; FailedPrecondition (INCOMPATIBLE_MODEL)
+        with diffusers' reason when it is not a LoRA for this pipeline, the pipeline unchanged."""
+        import torch
+        from diffusers.utils.constants import USE_PEFT_BACKEND
+
+        if not USE_PEFT_BACKEND:  # else diffusers' ValueError would read as a bad LoRA file
+            raise FailedPrecondition(
+                f"{field}: LoRAs need peft, which this worker's environment lacks (install "
+                "the `sd` extra)"
+            )
+        try:
+            with _peft_notes_silenced():
+                pipe.load_lora_weights(
+                    str(path.parent),
+                    weight_name=path.name,
+                    adapter_name=name,
+                    local_files_only=True,
+                    use_safetensors=True,  # never the pickle fallback
+                )
+        except torch.OutOfMemoryError:
+            self._delete_adapter(pipe, name)
+            raise
+        except Exception as exc:  # whatever the file holds, it is not a LoRA we can use
+            self._delete_adapter(pipe, name)
+            raise FailedPrecondition(
+                f"{field}: {path.name} is not a LoRA this {type(pipe).__name__} can use: "
+                f"{_short_reason(exc)}",
+                reason="INCOMPATIBLE_MODEL",
+            ) from exc
+        if not self._has_adapter(pipe, name):
+            # diffusers only warns when no key matches a layer of the pipeline.
+            raise FailedPrecondition(
+                f"{field}: {path.name} is not a LoRA this {type(pipe).__name__} can use: none "
+                "of its tensors matches a layer of the pipeline (a LoRA for another model "
+                "family?)",
+                reason="INCOMPATIBLE_MODEL",
+            )
+
+    @staticmethod
+    def _has_adapter(pipe: Any, name: str) -> bool:
+        return any(name in names for names in pipe.get_list_adapters().values())
+
+    @classmethod
+    def _delete_adapter(cls, pipe: Any, name: str) -> None:
+        """Remove adapter `name` wherever a failed or evicted load left it."""
+        if cls._has_adapter(pipe, name):
+            with _peft_notes_silenced():
+                pipe.delete_adapters([name])
+
+    def _prepare_loras(
+        self, pipe: Any, loras: Sequence[LoraWeight], cancel: threading.Event
+    ) -> dict[str, float]:
+        """The request's adapters (adapter name -> summed weight), loading the ones not cached
+        and evicting the least recently used others beyond `max_cached_loras`. Activates
+        nothing."""
+        names: list[str] = []
+        weights: dict[str, float] = {}
+        for index, lora in enumerate(loras):
+            try:
+                name = lora_adapter_name(Path(lora.path))
+            except OSError as exc:  # gone since check_params
+                raise NotFound(
+                    f"params.loras[{index}]: no such LoRA file on the worker host: {lora.path}",
+                    resource_type="file",
+                    resource_name=lora.path,
+                    reason="FILE_NOT_FOUND",
+                ) from exc
+            names.append(name)
+            # The same file twice: one adapter, the weights add up (a LoRA's delta is linear).
+            weights[name] = weights.get(name, 0.0) + lora.scale
+        for index, (lora, name) in enumerate(zip(loras, names, strict=True)):
+            if name in self._adapters:
+                self._adapters.move_to_end(name)
+                continue
+            if cancel.is_set():
+                raise Cancelled("the generation was cancelled")
+            self._evict_adapters(pipe, keep=weights.keys(), room=1)  # before: less peak memory
+            self._load_lora(pipe, Path(lora.path), name, f"params.loras[{index}]")
+            self._adapters[name] = lora.path
+            logger.info("loaded LoRA %s as adapter %s", lora.path, name)
+        self._evict_adapters(pipe, keep=weights.keys(), room=0)
+        return weights
+
+    def _evict_adapters(self, pipe: Any, *, keep: Collection[str], room: int) -> None:
+        """Delete the least recently used adapters not in `keep` until `room` more fit in
+        `max_cached_loras` (or only kept ones are left: a request may need more)."""
+        for name in [n for n in self._adapters if n not in keep]:
+            if len(self._adapters) + room <= self._max_cached_loras:
+                break
+            self._delete_adapter(pipe, name)
+            del self._adapters[name]
 
     def generate(
         self,
@@ -354,7 +572,7 @@ class DiffusersEngine(ImageEngine):
         """Generate the images one pipeline call each (see the module docstring)."""
         import torch
 
-        check_image_params(params)
+        self.check_params(params)
         pipe = self._pipe
         if pipe is None:
             raise FailedPrecondition("no model is loaded", reason="MODEL_NOT_LOADED")
@@ -374,30 +592,39 @@ class DiffusersEngine(ImageEngine):
             pipe.scheduler = self._own_scheduler
         first_seed = params.seed if params.seed is not None else secrets.randbits(32)
         reporter = _StepReporter(params, on_progress, cancel, default_total=steps)
+        adapters = self._prepare_loras(pipe, params.loras, cancel)
         images: list[GeneratedImage] = []
-        for index in range(params.count):
-            if cancel.is_set():
-                raise Cancelled("the generation was cancelled")
-            seed = (first_seed + index) % SEED_MODULUS
-            generator = torch.Generator("cpu").manual_seed(seed)
-            reporter.start_image(index)
-            with torch.inference_mode():
-                latents = pipe(
-                    prompt=params.prompt,
-                    negative_prompt=params.negative_prompt or None,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance,
-                    width=width,
-                    height=height,
-                    generator=generator,
-                    output_type="latent",
-                    callback_on_step_end=reporter.on_step_end,
-                    callback_on_step_end_tensor_inputs=["latents"],
-                ).images
-                reporter.end_image()
+        try:
+            if adapters:
+                pipe.set_adapters(list(adapters), adapter_weights=list(adapters.values()))
+                pipe.enable_lora()  # set_adapters does not undo the last request's disable_lora
+            for index in range(params.count):
                 if cancel.is_set():
                     raise Cancelled("the generation was cancelled")
-                images.append(self._decode(pipe, latents, seed=seed, index=index))
+                seed = (first_seed + index) % SEED_MODULUS
+                generator = torch.Generator("cpu").manual_seed(seed)
+                reporter.start_image(index)
+                with torch.inference_mode():
+                    latents = pipe(
+                        prompt=params.prompt,
+                        negative_prompt=params.negative_prompt or None,
+                        num_inference_steps=steps,
+                        guidance_scale=guidance,
+                        width=width,
+                        height=height,
+                        generator=generator,
+                        output_type="latent",
+                        callback_on_step_end=reporter.on_step_end,
+                        callback_on_step_end_tensor_inputs=["latents"],
+                    ).images
+                    reporter.end_image()
+                    if cancel.is_set():
+                        raise Cancelled("the generation was cancelled")
+                    images.append(self._decode(pipe, latents, seed=seed, index=index))
+        finally:
+            if adapters:
+                # The next request runs the base weights unless it activates its own LoRAs.
+                pipe.disable_lora()
         return ImageResult(
             images=images,
             scheduler=scheduler_name,

@@ -8,10 +8,17 @@ Output: the scripted `reply` when one is given, else an echo of the prompt (Gene
 the last message (Chat); then EOS. With `ignore_eos` the reply repeats until max_tokens or the
 context is full. `token_delay_s` waits between tokens (on the cancel event, so a cancel is seen
 at once) so that tests can cancel mid-stream.
+
+Log probabilities (when asked for) come from a fixed distribution, so protocol tests can check
+them exactly: at every position the logit of token t is -((t - g) mod N_VOCAB) for the generated
+token g. So g is the most likely token, with log probability -LOG_NORMALIZER, and the k-th
+alternative (k = 0, 1, ...) is (g + k) mod N_VOCAB with log probability -k - LOG_NORMALIZER; see
+`fake_token_logprob`.
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 import threading
 import time
@@ -37,6 +44,9 @@ from services.worker.engines.base import (
     SamplingParams,
     StoppingCriteria,
     TokenDelta,
+    TokenLogprob,
+    TopLogprob,
+    check_logprob_options,
 )
 from services.worker.engines.text_stream import TextStream
 
@@ -47,11 +57,32 @@ BYTE_OFFSET = 3
 N_VOCAB = BYTE_OFFSET + 256
 DEFAULT_CONTEXT_LENGTH = 2048
 MAX_SEED = 0xFFFFFFFE
+# log(sum over the vocabulary of exp(-k)), k = 0 .. N_VOCAB-1: the fake distribution's normalizer.
+LOG_NORMALIZER = math.log(sum(math.exp(-k) for k in range(N_VOCAB)))
 
 
 def _piece(token_id: int) -> bytes:
     """The bytes of one fake token (special tokens render as nothing)."""
     return bytes((token_id - BYTE_OFFSET,)) if token_id >= BYTE_OFFSET else b""
+
+
+def fake_token_logprob(token_id: int, top_n: int) -> TokenLogprob:
+    """The fake's log probabilities at a position that generated `token_id` (module docstring):
+    the token itself is the most likely, then the ids after it, wrapping around."""
+    alternatives = [
+        TopLogprob(
+            token_id=(token_id + k) % N_VOCAB,
+            token=_piece((token_id + k) % N_VOCAB),
+            logprob=-k - LOG_NORMALIZER,
+        )
+        for k in range(top_n)
+    ]
+    return TokenLogprob(
+        token_id=token_id,
+        token=_piece(token_id),
+        logprob=-LOG_NORMALIZER,
+        top_logprobs=alternatives,
+    )
 
 
 def format_chat(messages: Sequence[ChatMessage]) -> str:
@@ -232,6 +263,7 @@ class FakeEngine(LlmEngine):
             raise InvalidArgument.for_field("stopping.max_tokens", "must be >= 0")
         if sampling.seed is not None and not 0 <= sampling.seed <= MAX_SEED:
             raise InvalidArgument.for_field("sampling.seed", f"must be in [0, {MAX_SEED}]")
+        check_logprob_options(sampling.logprobs)
         seed = sampling.seed if sampling.seed is not None else secrets.randbelow(MAX_SEED + 1)
         script = [BYTE_OFFSET + b for b in reply.encode("utf-8")]
         return self._loop(
@@ -242,6 +274,7 @@ class FakeEngine(LlmEngine):
             cancel=cancel,
             started=started,
             n_ctx=loaded.context_length,
+            top_logprobs=sampling.logprobs.top_logprobs if sampling.logprobs else None,
         )
 
     def _loop(
@@ -254,10 +287,12 @@ class FakeEngine(LlmEngine):
         cancel: threading.Event,
         started: float,
         n_ctx: int,
+        top_logprobs: int | None,
     ) -> Iterator[GenerationEvent]:
         stream = TextStream(_piece, stopping.stop)
         max_tokens = stopping.max_tokens or None  # 0 = no limit (as in the proto)
         pending_ids: list[int] = []
+        pending_logprobs: list[TokenLogprob] = []
         completion = 0
         first_at = last_at = 0.0
         matched: str | None = None
@@ -281,10 +316,13 @@ class FakeEngine(LlmEngine):
             first_at = first_at or last_at
             completion += 1
             pending_ids.append(token)
+            if top_logprobs is not None:
+                pending_logprobs.append(fake_token_logprob(token, top_logprobs))
             text, matched = stream.feed(token)
             if text:
-                yield TokenDelta(text=text, token_ids=pending_ids)
+                yield TokenDelta(text=text, token_ids=pending_ids, logprobs=pending_logprobs)
                 pending_ids = []
+                pending_logprobs = []
             if matched is not None:
                 finish = FinishReason.STOP_SEQUENCE
                 break
@@ -300,7 +338,7 @@ class FakeEngine(LlmEngine):
             if matched is not None:
                 finish = FinishReason.STOP_SEQUENCE
         if text or pending_ids:
-            yield TokenDelta(text=text, token_ids=pending_ids)
+            yield TokenDelta(text=text, token_ids=pending_ids, logprobs=pending_logprobs)
         span = last_at - first_at
         yield GenerationResult(
             finish_reason=finish,

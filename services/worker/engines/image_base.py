@@ -24,7 +24,19 @@ MAX_SIDE = 2048
 SIDE_MULTIPLE = 8
 MAX_STEPS = 200
 MAX_COUNT = 8
+MAX_LORAS = 8  # per request (and per load)
+MAX_LORA_SCALE = 4.0  # a LoRA's weight is within +-MAX_LORA_SCALE
 DEFAULT_PREVIEW_SIZE = 256
+
+
+class LoraWeight(BaseModel):
+    """A LoRA file on the worker host (an absolute .safetensors path) and its scale (the weight
+    its delta is added with: 0 changes nothing, negative values push away from it)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    scale: float = 1.0
 
 
 class ImageLoadOptions(BaseModel):
@@ -37,15 +49,7 @@ class ImageLoadOptions(BaseModel):
     attention_slicing: bool = False
     vae_tiling: bool = False
     vae_slicing: bool = False
-
-
-class LoraWeight(BaseModel):
-    """A LoRA file on the worker host and its scale."""
-
-    model_config = ConfigDict(frozen=True)
-
-    path: str
-    scale: float = 1.0
+    loras: list[LoraWeight] = Field(default_factory=list)  # fused into the weights at load
 
 
 class ImageParams(BaseModel):
@@ -132,8 +136,9 @@ class ImageEngine(abc.ABC):
 
     @abc.abstractmethod
     def check_params(self, params: ImageParams) -> None:
-        """InvalidArgument (naming the field) for parameters this engine refuses; cheap and
-        safe to call from any thread (the worker calls it before queueing the request)."""
+        """InvalidArgument (naming the field) for parameters this engine refuses, NotFound
+        (FILE_NOT_FOUND) for a LoRA file missing on the host; cheap and safe to call from any
+        thread (the worker calls it before queueing the request)."""
 
     @abc.abstractmethod
     def generate(
@@ -144,5 +149,7 @@ class ImageEngine(abc.ABC):
         cancel: threading.Event,
     ) -> ImageResult:
         """Generate `params.count` images, calling `on_progress` after every step. Raises
-        InvalidArgument (naming the field) before any work for bad parameters, and Cancelled
-        within one step of `cancel` being set."""
+        InvalidArgument (naming the field) before any work for bad parameters, NotFound for a
+        missing LoRA file, FailedPrecondition (INCOMPATIBLE_MODEL) for a LoRA this pipeline
+        cannot use, and Cancelled within one step of `cancel` being set. Leaves no LoRA active
+        behind it."""

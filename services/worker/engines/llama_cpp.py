@@ -15,6 +15,11 @@ server does. The KV-cache prefix reuse of generate() is kept (same rule, see `_p
 Chain order (llama.cpp's common sampler order): logit_bias, penalties, grammar, then greedy
 (temperature 0) or top_k, typical_p, top_p, min_p, temperature, dist(seed).
 
+Log probabilities, when a request asks for them: the log-softmax (numpy) of the raw logits
+llama.cpp holds for the position just sampled (`llama_get_logits_ith`, before the next
+decode), i.e. the model's distribution before the chain above reshapes it. When they are off
+the loop computes nothing: one `is None` test per token.
+
 Process-wide effects, acceptable because one worker process hosts one engine: llama.cpp's log
 goes to the Python logger "llama_cpp.native" (its errors also feed load error messages), and a
 load temporarily wraps `llama_model_default_params` to install llama.cpp's progress callback,
@@ -37,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 from llama_cpp import Llama
 from llama_cpp import _internals as llama_internals
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -64,6 +70,9 @@ from services.worker.engines.base import (
     SamplingParams,
     StoppingCriteria,
     TokenDelta,
+    TokenLogprob,
+    TopLogprob,
+    check_logprob_options,
 )
 from services.worker.engines.text_stream import TextStream
 
@@ -475,6 +484,7 @@ class LlamaCppEngine(LlmEngine):
             raise InvalidArgument.for_field("stopping.max_tokens", "must be >= 0")
         seed = sampling.seed if sampling.seed is not None else secrets.randbelow(MAX_SEED + 1)
         sampler = _build_sampler(state, sampling, seed, tokens)
+        top_logprobs = sampling.logprobs.top_logprobs if sampling.logprobs is not None else None
         stops = [*stopping.stop, *(s for s in extra_stops if s)]
         # SPM drops the space of the first piece of a sequence: only when the completion IS
         # the start of the text (the prompt was BOS alone), as detokenizing it all would.
@@ -489,6 +499,7 @@ class LlamaCppEngine(LlmEngine):
             seed=seed,
             cancel=cancel,
             started=started,
+            top_logprobs=top_logprobs,
         )
 
     def _loop(
@@ -502,12 +513,16 @@ class LlamaCppEngine(LlmEngine):
         seed: int,
         cancel: threading.Event,
         started: float,
+        top_logprobs: int | None,
     ) -> Iterator[GenerationEvent]:
+        """The token loop. `top_logprobs`: None = no log probabilities (the loop then pays one
+        `is None` test per token), else the alternatives to report per position."""
         llm = state.llm
         n_ctx = state.n_ctx
         max_tokens = stopping.max_tokens or None  # 0 = no limit (as in the proto)
         stop_on_eog = not stopping.ignore_eos
         piece_ids: list[int] = []  # ids whose text is still held back
+        piece_logprobs: list[TokenLogprob] = []  # theirs, when asked for
         completion = 0
         cached_prompt = 0
         first_token_at = 0.0
@@ -533,11 +548,20 @@ class LlamaCppEngine(LlmEngine):
                     last_token_at = now
                     completion += 1
                     piece_ids.append(token)
+                    if top_logprobs is not None:
+                        # The logits of this position are valid until the next decode.
+                        piece_logprobs.append(_token_logprob(state, token, top_logprobs))
                     text, matched = stream.feed(token)
                     if text:
-                        # model_construct: both fields are built here with the right types;
+                        # model_construct: the fields are built here with the right types;
                         # validation per token would be pure overhead in the hot loop.
-                        yield TokenDelta.model_construct(text=text, token_ids=piece_ids)
+                        if top_logprobs is None:
+                            yield TokenDelta.model_construct(text=text, token_ids=piece_ids)
+                        else:
+                            yield TokenDelta.model_construct(
+                                text=text, token_ids=piece_ids, logprobs=piece_logprobs
+                            )
+                            piece_logprobs = []
                         piece_ids = []
                     if matched is not None:
                         finish = FinishReason.STOP_SEQUENCE
@@ -568,7 +592,7 @@ class LlamaCppEngine(LlmEngine):
         else:
             text = ""
         if text or piece_ids:
-            yield TokenDelta(text=text, token_ids=piece_ids)
+            yield TokenDelta(text=text, token_ids=piece_ids, logprobs=piece_logprobs)
         ended = time.perf_counter()
         decode_span = last_token_at - first_token_at
         yield GenerationResult(
@@ -704,6 +728,7 @@ def _validate_sampling(sampling: SamplingParams, state: _Loaded) -> None:
         raise InvalidArgument.for_field("sampling.seed", f"must be in [0, {MAX_SEED}]")
     if sampling.grammar and sampling.json_schema:
         raise InvalidArgument.for_field("sampling", "set grammar or json_schema, not both")
+    check_logprob_options(sampling.logprobs)
     _check_token_ids(list(sampling.logit_bias), state.n_vocab, "sampling.logit_bias")
     for token, bias in sampling.logit_bias.items():
         if math.isnan(bias):
@@ -792,6 +817,41 @@ def _add_penalties(
     for token in prompt[-window:]:
         llama_cpp.llama_sampler_accept(penalties, token)
     llama_cpp.llama_sampler_chain_add(chain.sampler, penalties)  # the chain owns it now
+
+
+def _token_logprob(state: _Loaded, token: int, top_n: int) -> TokenLogprob:
+    """The log probability of `token` and the `top_n` most likely tokens at the position
+    whose logits llama.cpp holds now (the last one evaluated).
+
+    log-softmax over the whole vocabulary of the model's raw logits, before any sampler
+    (base.LogprobOptions says why). Only the normalizer needs the whole vocabulary: one exp
+    and one sum over it, summed in float64 (large vocabularies); the top N come from a
+    partial sort.
+    """
+    pointer = llama_cpp.llama_get_logits_ith(state.llm._ctx.ctx, -1)
+    logits = np.ctypeslib.as_array(pointer, shape=(state.n_vocab,))
+    peak = float(logits.max())
+    log_normalizer = peak + math.log(float(np.exp(logits - peak).sum(dtype=np.float64)))
+    alternatives: list[TopLogprob] = []
+    if top_n > 0:
+        if top_n < state.n_vocab:
+            best = np.argpartition(logits, -top_n)[-top_n:]
+        else:
+            best = np.arange(state.n_vocab)
+        # Best first; equal logits in id order.
+        ordered = best[np.lexsort((best, -logits[best]))]
+        alternatives = [
+            TopLogprob.model_construct(
+                token_id=t, token=state.piece(t), logprob=logit - log_normalizer
+            )
+            for t, logit in zip(ordered.tolist(), logits[ordered].tolist(), strict=True)
+        ]
+    return TokenLogprob.model_construct(
+        token_id=token,
+        token=state.piece(token),
+        logprob=float(logits[token]) - log_normalizer,
+        top_logprobs=alternatives,
+    )
 
 
 def _prepare_kv(llm: Llama, tokens: Sequence[int]) -> int:
