@@ -359,6 +359,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from services.catalog.__main__ import main as catalog_main
 
         return catalog_main([])
+    if args.service == "pool":
+        from services.worker.pool.__main__ import main as pool_main
+
+        return pool_main([])
     if args.service == "provisioner":
         from services.provisioner.__main__ import main as provisioner_main
 
@@ -462,18 +466,23 @@ def build_parser() -> argparse.ArgumentParser:
         "types", parents=[common], help="the worker types and whether this host runs them"
     )
     p.set_defaults(func=cmd_worker_types)
+    from rbee_client.cli.pool import add_commands as add_pool_commands
+
+    add_pool_commands(workers, sub, common)
 
     from rbee_client.cli.pull import add_commands as add_provisioner_commands
 
     add_provisioner_commands(sub, common)
 
     p = sub.add_parser("serve", help="run a service in the foreground")
-    p.add_argument("service", choices=("catalog", "provisioner"))
+    p.add_argument("service", choices=("catalog", "provisioner", "pool"))
     p.set_defaults(func=cmd_serve)
     return parser
 
 
 def _unreachable_hint(args: argparse.Namespace) -> str:
+    if hasattr(args, "pool"):
+        return f"is the pool running? start it with `rbee serve pool` (address {args.pool})"
     if hasattr(args, "provisioner"):
         return (
             "is the provisioner running? start it with `rbee serve provisioner` "
@@ -515,6 +524,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ServiceUnavailableError as exc:
         if os.environ.get("RBEE_DEBUG") == "1":
             traceback.print_exc()
+        if exc.reason and exc.reason != "UNAVAILABLE":
+            # The service answered: something behind it is unavailable (a worker that
+            # crashed, an upstream, the catalog). Its message says what; not "is it running?".
+            return _report_error(args, CliError(exc.message, reason=exc.reason, hint=exc.hint))
         return _report_error(
             args,
             CliError(

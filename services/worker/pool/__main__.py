@@ -1,0 +1,88 @@
+"""`rbee-pool`: spawns and supervises worker processes on this hive."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+import sys
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry
+
+from rbee.worker.v1 import pool_pb2_grpc
+from services.catalog.link import GrpcCatalogLink
+from services.common.logs import configure_logging, log_settings
+from services.common.server import (
+    RunningServer,
+    ServiceBinding,
+    prepare_heap_for_serving,
+    serve_until_signal,
+    start_server,
+)
+from services.worker.pool.devices import detect_devices
+from services.worker.pool.service import PoolService
+from services.worker.pool.servicer import SERVICE_NAME, PoolServicer
+from services.worker.pool.settings import PoolSettings
+
+logger = logging.getLogger("services.worker.pool")
+
+
+async def start_pool(
+    settings: PoolSettings, registry: CollectorRegistry
+) -> tuple[RunningServer, PoolService]:
+    """Bind the server (NOT_SERVING) and return; the caller sets SERVING. Stopping the server
+    stops every worker first (they would die with the pool anyway)."""
+    catalog = GrpcCatalogLink(settings.catalog_address)
+    service = PoolService(catalog=catalog, config=settings.pool_config(), devices=detect_devices)
+    running = await start_server(
+        [
+            ServiceBinding(
+                pool_pb2_grpc.add_PoolServiceServicer_to_server, PoolServicer(service), SERVICE_NAME
+            )
+        ],
+        listen=settings.listen,
+        metrics_listen=settings.metrics_listen,
+        registry=registry,
+    )
+
+    async def stop_workers_when_stopping() -> None:
+        await running.wait_until_stopping()
+        await service.close()
+
+    watch = asyncio.create_task(stop_workers_when_stopping(), name="stop-workers-on-stop")
+
+    async def close() -> None:
+        watch.cancel()
+        await service.close()
+        await catalog.close()
+
+    running.on_stop(close)
+    return running, service
+
+
+async def run(settings: PoolSettings) -> None:
+    running, _service = await start_pool(settings, CollectorRegistry())
+    prepare_heap_for_serving()
+    await running.set_serving()
+    logger.info(
+        "pool serving on port %d (metrics port %s, catalog %s, worker command %s, python %s)",
+        running.port,
+        running.metrics_port,
+        settings.catalog_address,
+        " ".join(settings.worker_command),
+        platform.python_version(),
+    )
+    await serve_until_signal(running, grace=settings.grace_seconds)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = PoolSettings()
+    configure_logging(settings.log_level, settings.log_format)
+    log_settings(logger, settings)
+    asyncio.run(run(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

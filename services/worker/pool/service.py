@@ -1,0 +1,829 @@
+"""The worker pool: spawn worker processes per device, supervise them, stop them.
+
+SpawnWorker runs its stages in order: VALIDATING (the model must be READY in the catalog; the
+catalog's compatibility rules and memory fit pick the worker type and device: a GPU that fits
+fully, else partial offload, else the CPU, as GPUStack does; the pool's own claims on a
+device are subtracted from its measured free memory), INSTALLING (this version runs workers in
+the environment the pool runs in: the backend must import there), STARTING (`rbee-worker` on a
+free loopback port, bound to the device, gated on grpc.health.v1 with a deadline that grows with
+the model's size), LOADING (the worker's LoadModel progress), then the READY worker.
+
+Supervision: every worker process is watched; an unexpected exit marks it FAILED with the exit
+code and the tail of its stderr, and the restart policy (never / on-failure with doubling
+backoff up to a limit) decides what comes next. StopWorker signals only the pool's own child
+(SIGTERM: the worker drains, then SIGKILL after the grace). Workers die with the pool: their
+process has PR_SET_PDEATHSIG (services.worker.pool.process), so a restarted pool finds no
+orphans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from services.catalog.domain import (
+    ID_PATTERN,
+    Backend,
+    CompatibilityResult,
+    DeviceKind,
+    ModelState,
+    Verdict,
+)
+from services.catalog.ids import slugify
+from services.catalog.link import CatalogLink
+from services.catalog.pagination import (
+    PageTokenCodec,
+    filter_fingerprint,
+    new_secret,
+    normalize_page_size,
+)
+from services.common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    RbeeError,
+    ResourceExhausted,
+    Unimplemented,
+)
+from services.worker.pool.devices import CUDA_ORDER_ENVIRONMENT, HostDevice
+from services.worker.pool.domain import (
+    LiveStatus,
+    PoolWorker,
+    PoolWorkerState,
+    RestartMode,
+    RestartPolicy,
+    SpawnEvent,
+    SpawnStage,
+    WorkerEventKind,
+)
+from services.worker.pool.process import LaunchSpec, LogLine, WorkerProcess
+from services.worker.pool.worker_link import WorkerLink, load_request
+
+logger = logging.getLogger(__name__)
+
+# Worker types by kind of work: the engine that runs them and the backend it reports.
+ENGINES = {"llm": ("llama_cpp", Backend.LLAMA_CPP), "sd": ("diffusers", Backend.DIFFUSERS)}
+# The module a backend needs, to tell whether it is installed in this environment.
+BACKEND_MODULES = {"llama_cpp": "llama_cpp", "diffusers": "diffusers"}
+# Best first: the order in which an "auto" spawn takes what the catalog says.
+VERDICT_PREFERENCE = (
+    Verdict.FITS_GPU,
+    Verdict.PARTIAL_OFFLOAD,
+    Verdict.CPU_ONLY,
+    Verdict.COMPATIBLE,
+)
+WATCH_QUEUE = 256
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """What the pool needs from its settings."""
+
+    worker_command: list[str]  # how to run rbee-worker
+    catalog_address: str
+    home: Path
+    logs_dir: Path
+    default_grace: float = 10.0
+    default_queue: int = 8
+    start_timeout_base: float = 60.0  # seconds, plus the model's size over the rate below
+    start_read_rate: float = 100e6  # bytes per second assumed for the load deadline
+    worker_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SpawnRequest:
+    model: str
+    worker_id: str = ""
+    worker_type: str = ""  # "" or "auto"
+    device: str = ""  # "" or "auto"
+    options_kind: str = ""  # "llm" | "image" | ""
+    load_options: bytes = b""  # serialised (worker_link.serialize_load_options)
+    context_length: int = 0
+    force: bool = False
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
+    preload: bool = False
+    validate_only: bool = False
+    reuse: bool = False
+    skip_install: bool = False
+    queue_capacity: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Managed:
+    record: PoolWorker
+    process: WorkerProcess | None = None
+    link: WorkerLink | None = None
+    monitor: asyncio.Task[None] | None = None
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    stopping: bool = False
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def backend_installed(engine: str) -> bool:
+    """The engine's backend imports in this environment (the "system" install)."""
+    module = BACKEND_MODULES.get(engine)
+    return module is None or importlib.util.find_spec(module) is not None
+
+
+def _extra(engine: str) -> str:
+    return "llm" if engine == "llama_cpp" else "sd"
+
+
+def _options_kind(engine: str) -> str:
+    return "llm" if engine == "llama_cpp" else "image"
+
+
+def parse_worker_name(name: str, field_name: str = "name") -> str:
+    worker_id = name.removeprefix("workers/") if name.startswith("workers/") else ""
+    if not worker_id or not ID_PATTERN.fullmatch(worker_id):
+        raise InvalidArgument.for_field(
+            field_name, f"expected workers/{{worker}}, got {name[:100]!r}", reason="INVALID_NAME"
+        )
+    return worker_id
+
+
+class PoolService:
+    """Every worker process of this pool."""
+
+    def __init__(
+        self,
+        *,
+        catalog: CatalogLink,
+        config: PoolConfig,
+        devices: Callable[[], list[HostDevice]],
+    ) -> None:
+        self._catalog = catalog
+        self._config = config
+        self._detect = devices
+        self._workers: dict[str, _Managed] = {}
+        self._watchers: set[asyncio.Queue[tuple[WorkerEventKind, PoolWorker]]] = set()
+        self._tokens = PageTokenCodec(new_secret())
+        self._lock = asyncio.Lock()  # one VALIDATING at a time: claims are checked, then made
+
+    # --- devices ------------------------------------------------------------------------------
+
+    async def devices(self) -> list[tuple[HostDevice, int, int, list[str]]]:
+        """(device, claimed RAM, claimed VRAM, worker names) for every device of the hive."""
+        found = await asyncio.to_thread(self._detect)
+        return [(d, *self._claims(d.name), self._names_on(d.name)) for d in found]
+
+    async def device(self, name: str) -> tuple[HostDevice, int, int, list[str]]:
+        for entry in await self.devices():
+            if entry[0].name == name:
+                return entry
+        raise NotFound(
+            f"{name} is not a device of this hive",
+            resource_type="device",
+            resource_name=name,
+            reason="DEVICE_NOT_FOUND",
+        )
+
+    def _claims(self, device: str) -> tuple[int, int]:
+        ram = vram = 0
+        for m in self._workers.values():
+            if m.record.device == device and m.record.state.running:
+                ram += m.record.claimed_ram_bytes
+                vram += m.record.claimed_vram_bytes
+        return ram, vram
+
+    def _names_on(self, device: str) -> list[str]:
+        return sorted(
+            m.record.name
+            for m in self._workers.values()
+            if m.record.device == device and m.record.state.running
+        )
+
+    # --- queries ------------------------------------------------------------------------------
+
+    def _managed(self, name: str) -> _Managed:
+        worker_id = parse_worker_name(name)
+        managed = self._workers.get(worker_id)
+        if managed is None:
+            raise NotFound(
+                f"{name} does not exist",
+                resource_type="worker",
+                resource_name=name,
+                reason="WORKER_NOT_FOUND",
+            )
+        return managed
+
+    async def get(self, name: str) -> PoolWorker:
+        managed = self._managed(name)
+        await self._refresh(managed)
+        return managed.record
+
+    async def _refresh(self, managed: _Managed) -> None:
+        """Ask a running worker for its live state (queue, counters, memory, BUSY/READY)."""
+        record = managed.record
+        if managed.link is None or record.state not in (
+            PoolWorkerState.READY,
+            PoolWorkerState.BUSY,
+            PoolWorkerState.IDLE,
+        ):
+            return
+        with contextlib.suppress(RbeeError):
+            live = await managed.link.status()
+            record.live = live
+            if live.state in (PoolWorkerState.READY, PoolWorkerState.BUSY, PoolWorkerState.IDLE):
+                record.state = live.state
+
+    async def list_workers(
+        self, *, filter_text: str, page_size: int, page_token: str
+    ) -> tuple[list[PoolWorker], str, int]:
+        size = normalize_page_size(page_size)
+        terms = _parse_filter(filter_text)
+        fingerprint = filter_fingerprint("workers", json.dumps(sorted(terms.items())), "name")
+        after = self._tokens.decode(page_token, fingerprint)
+        for managed in list(self._workers.values()):
+            await self._refresh(managed)
+        matching = sorted(
+            (m.record for m in self._workers.values() if _matches(m.record, terms)),
+            key=lambda r: r.id,
+        )
+        rest = [r for r in matching if after is None or r.id > after]
+        page = rest[:size]
+        token = self._tokens.encode(page[-1].id, fingerprint) if len(rest) > size else ""
+        return page, token, len(matching)
+
+    # --- spawning -----------------------------------------------------------------------------
+
+    async def spawn(self, request: SpawnRequest) -> AsyncIterator[SpawnEvent | PoolWorker]:
+        """Validate now (errors before the stream), then stream the stages."""
+        if request.preload:
+            raise Unimplemented(
+                "preload is not available in this version of the pool; spawn without it"
+            )
+        if request.worker_id and not ID_PATTERN.fullmatch(request.worker_id):
+            raise InvalidArgument.for_field(
+                "worker_id", "must be a slug: lower-case letters, digits and hyphens"
+            )
+        if request.worker_id and request.worker_id in self._workers:
+            raise AlreadyExists(
+                f"workers/{request.worker_id} already exists",
+                resource_type="worker",
+                resource_name=f"workers/{request.worker_id}",
+                reason="WORKER_ALREADY_EXISTS",
+            )
+        return self._spawn(request)
+
+    async def _spawn(self, request: SpawnRequest) -> AsyncIterator[SpawnEvent | PoolWorker]:
+        async with self._lock:
+            record, result, device = await self._validate(request)
+            existing = self._reusable(record) if request.reuse else None
+            if existing is not None:
+                yield SpawnEvent(
+                    worker=existing.name,
+                    stage=SpawnStage.READY,
+                    message=f"reusing {existing.name}",
+                    worker_type=existing.worker_type,
+                    device=existing.device,
+                )
+                yield existing
+                return
+            yield SpawnEvent(
+                worker=record.name,
+                stage=SpawnStage.VALIDATING,
+                message=f"{record.worker_type} on {record.device}: {result.verdict.value}",
+                worker_type=record.worker_type,
+                device=record.device,
+                compatibility=result,
+            )
+            if request.validate_only:
+                yield record
+                return
+            if not backend_installed(record.engine):
+                raise FailedPrecondition(
+                    f"the {record.engine} backend is not installed in the pool's environment; "
+                    f"install the project's `{_extra(record.engine)}` extra",
+                    reason="WORKER_TYPE_NOT_INSTALLED",
+                )
+            managed = _Managed(record=record)
+            self._workers[record.id] = managed  # claims count from here on
+        self._publish(WorkerEventKind.CREATED, record)
+        yield SpawnEvent(
+            worker=record.name,
+            stage=SpawnStage.INSTALLING,
+            message=f"the {record.engine} backend runs in the pool's environment (system install)",
+            worker_type=record.worker_type,
+            device=record.device,
+        )
+        try:
+            async for event in self._start_and_load(managed, device):
+                yield event
+        except BaseException as exc:
+            message = exc.message if isinstance(exc, RbeeError) else "the spawn was cancelled"
+            await self._discard_process(managed, f"spawn failed: {message}")
+            raise
+        yield managed.record
+
+    async def _validate(
+        self, request: SpawnRequest
+    ) -> tuple[PoolWorker, CompatibilityResult, HostDevice]:
+        model_name = (
+            request.model if request.model.startswith("models/") else f"models/{request.model}"
+        )
+        model = await self._catalog.get_model(model_name)
+        if model is None:
+            raise NotFound(
+                f"{model_name} is not in the catalog",
+                resource_type="model",
+                resource_name=model_name,
+                reason="MODEL_NOT_FOUND",
+            )
+        if model.state is not ModelState.READY or model.metadata is None:
+            detail = f": {model.state_message}" if model.state_message else ""
+            raise FailedPrecondition(
+                f"{model_name} is {model.state.value}{detail}; only READY models can be served",
+                reason="MODEL_NOT_READY",
+            )
+        wanted_type = request.worker_type.removeprefix("worker-types/")
+        if wanted_type == "auto":
+            wanted_type = ""
+        all_devices = await asyncio.to_thread(self._detect)
+        if request.device and request.device != "auto":
+            candidates = [d for d in all_devices if d.name == request.device]
+            if not candidates:
+                raise NotFound(
+                    f"{request.device} is not a device of this hive (devices: "
+                    f"{', '.join(d.name for d in all_devices)})",
+                    resource_type="device",
+                    resource_name=request.device,
+                    reason="DEVICE_NOT_FOUND",
+                )
+        else:
+            candidates = sorted(all_devices, key=lambda d: (d.kind is DeviceKind.CPU, d.index))
+        options: list[tuple[int, HostDevice, CompatibilityResult]] = []
+        refusals: list[str] = []
+        too_large: list[tuple[HostDevice, CompatibilityResult]] = []
+        # Host RAM is one pool for every device (a partial offload keeps layers there): RAM
+        # claims count across devices, VRAM claims per device.
+        ram = sum(
+            m.record.claimed_ram_bytes for m in self._workers.values() if m.record.state.running
+        )
+        for device in candidates:
+            _, vram = self._claims(device.name)
+            results = await self._catalog.evaluate(
+                model.metadata,
+                device.for_compatibility(claimed_ram=ram, claimed_vram=vram),
+                request.context_length,
+            )
+            for result in results:
+                type_id = result.worker_type.removeprefix("worker-types/")
+                if not type_id.startswith(f"{device.kind.value}-"):
+                    continue
+                if wanted_type and type_id != wanted_type:
+                    continue
+                if result.verdict in VERDICT_PREFERENCE:
+                    options.append((VERDICT_PREFERENCE.index(result.verdict), device, result))
+                elif result.verdict is Verdict.TOO_LARGE:
+                    too_large.append((device, result))
+                else:
+                    refusals.append(f"{type_id} on {device.name}: {'; '.join(result.reasons)}")
+        if options:
+            _, device, result = min(options, key=lambda o: (o[0], o[1].kind is DeviceKind.CPU))
+        elif too_large and request.force:
+            device, result = too_large[0]
+        elif too_large:
+            device, result = too_large[0]
+            raise ResourceExhausted(
+                f"{model_name} does not fit {device.name}: "
+                + "; ".join(result.reasons)
+                + " (spawn with force to try anyway)",
+                reason="INSUFFICIENT_MEMORY",
+            )
+        else:
+            wanted = f"worker type {wanted_type}" if wanted_type else "any worker type"
+            raise FailedPrecondition(
+                f"{model_name} cannot run on {wanted} here: "
+                + (" | ".join(refusals) if refusals else "no matching worker type or device"),
+                reason="INCOMPATIBLE_MODEL",
+            )
+        type_id = result.worker_type.removeprefix("worker-types/")
+        engine, backend = ENGINES[type_id.rsplit("-", 1)[1]]
+        if request.options_kind and request.options_kind != (
+            "llm" if engine == "llama_cpp" else "image"
+        ):
+            raise InvalidArgument.for_field(
+                request.options_kind,
+                f"{type_id} workers take {_options_kind(engine)} load options",
+                reason="WRONG_ENGINE",
+            )
+        worker_id = request.worker_id or self._new_id(model_name, device)
+        now = _utcnow()
+        memory = result.memory
+        record = PoolWorker(
+            id=worker_id,
+            device=device.name,
+            device_kind=device.kind,
+            device_index=device.index,
+            worker_type=f"worker-types/{type_id}",
+            backend=backend,
+            engine=engine,
+            model=model_name,
+            model_paths=list(model.paths),
+            model_size_bytes=model.size_bytes,
+            restart_policy=request.restart_policy,
+            claimed_ram_bytes=memory.ram_bytes if memory else 0,
+            claimed_vram_bytes=memory.vram_bytes if memory else 0,
+            queue_capacity=request.queue_capacity or self._config.default_queue,
+            labels=dict(request.labels),
+            load_options=request.load_options,
+            created_at=now,
+            updated_at=now,
+        )
+        return record, result, device
+
+    def _new_id(self, model_name: str, device: HostDevice) -> str:
+        base = slugify(
+            f"{model_name.removeprefix('models/')[:40]}-{device.name.removeprefix('devices/')}"
+        )
+        base = base.strip("-")[:55] or "worker"
+        n = 1
+        while f"{base}-{n}" in self._workers:
+            n += 1
+        return f"{base}-{n}"
+
+    def _reusable(self, record: PoolWorker) -> PoolWorker | None:
+        for managed in self._workers.values():
+            other = managed.record
+            if (
+                other.model == record.model
+                and other.device == record.device
+                and other.state in (PoolWorkerState.READY, PoolWorkerState.BUSY)
+            ):
+                return other
+        return None
+
+    async def _start_and_load(
+        self, managed: _Managed, device: HostDevice
+    ) -> AsyncIterator[SpawnEvent]:
+        record = managed.record
+        port = free_port()
+        record.endpoint = f"127.0.0.1:{port}"
+        argv = [
+            *self._config.worker_command,
+            "--engine",
+            record.engine,
+            "--device",
+            device.worker_device,
+            "--listen",
+            record.endpoint,
+            "--metrics-listen",
+            "",
+            "--name",
+            record.name,
+            "--queue-size",
+            str(record.queue_capacity),
+            "--catalog",
+            self._config.catalog_address,
+        ]
+        env = {
+            **os.environ,
+            **self._config.worker_env,
+            "RBEE_HOME": str(self._config.home),
+            "RBEE_LOG_FORMAT": os.environ.get("RBEE_LOG_FORMAT", "text"),
+            # CUDA numbers GPUs fastest first by default, nvidia-smi by PCI bus: the same order
+            # everywhere, so devices/cuda-N is the GPU the worker binds.
+            **CUDA_ORDER_ENVIRONMENT,
+        }
+        self._set_state(record, PoolWorkerState.STARTING, f"starting on {record.endpoint}")
+        yield SpawnEvent(
+            worker=record.name,
+            stage=SpawnStage.STARTING,
+            message=f"rbee-worker --engine {record.engine} --device {device.worker_device} "
+            f"on {record.endpoint}",
+            worker_type=record.worker_type,
+            device=record.device,
+        )
+        log_path = self._config.logs_dir / f"{record.id}.log"
+        managed.exited = asyncio.Event()
+        managed.process = await WorkerProcess.start(
+            LaunchSpec(argv=argv, env=env, log_path=log_path)
+        )
+        record.pid = managed.process.pid
+        record.started_at = managed.process.started_at
+        record.exit_code = None
+        managed.monitor = asyncio.get_running_loop().create_task(
+            self._watch_exit(managed), name=f"watch:{record.id}"
+        )
+        managed.link = WorkerLink(record.endpoint)
+        timeout = (
+            self._config.start_timeout_base + record.model_size_bytes / self._config.start_read_rate
+        )
+        try:
+            await managed.link.wait_serving(timeout, exited=managed.exited)
+        except RbeeError as exc:
+            tail = managed.process.stderr_tail_text(lines=10)
+            if tail:
+                exc.message = f"{exc.message}; stderr tail:\n{tail}"
+            raise
+        self._set_state(record, PoolWorkerState.LOADING, f"loading {record.model}")
+        yield SpawnEvent(
+            worker=record.name,
+            stage=SpawnStage.LOADING,
+            message=f"loading {record.model}",
+            worker_type=record.worker_type,
+            device=record.device,
+        )
+        request = load_request(record.model, record.model_paths, record.load_options)
+        async for item in managed.link.load(request, limit_s=timeout):
+            if isinstance(item, LiveStatus):
+                record.live = item
+                continue
+            stage, fraction, message = item
+            yield SpawnEvent(
+                worker=record.name,
+                stage=SpawnStage.LOADING,
+                message=message,
+                worker_type=record.worker_type,
+                device=record.device,
+                load_stage=stage,
+                load_fraction=fraction,
+            )
+        self._set_state(record, PoolWorkerState.READY, f"serving {record.model}")
+        yield SpawnEvent(
+            worker=record.name,
+            stage=SpawnStage.READY,
+            message=f"{record.name} is ready on {record.endpoint}",
+            worker_type=record.worker_type,
+            device=record.device,
+        )
+
+    async def _discard_process(self, managed: _Managed, message: str) -> None:
+        managed.stopping = True
+        if managed.process is not None and managed.process.returncode is None:
+            with contextlib.suppress(Exception):
+                await managed.process.stop(grace=0, force=True)
+        record = managed.record
+        record.state_message = message
+        self._set_state(record, PoolWorkerState.FAILED, message)
+
+    # --- supervision --------------------------------------------------------------------------
+
+    async def _watch_exit(self, managed: _Managed) -> None:
+        process = managed.process
+        assert process is not None
+        code = await process.wait()
+        managed.exited.set()
+        record = managed.record
+        record.exit_code = code
+        record.pid = 0
+        if managed.link is not None:
+            await managed.link.close()
+            managed.link = None
+        if managed.stopping:
+            if record.state is not PoolWorkerState.FAILED:
+                self._set_state(record, PoolWorkerState.STOPPED, f"stopped (exit code {code})")
+            return
+        tail = process.stderr_tail_text(lines=20)
+        self._set_state(
+            record,
+            PoolWorkerState.FAILED,
+            f"exited unexpectedly with code {code}" + (f"; stderr tail:\n{tail}" if tail else ""),
+        )
+        logger.warning("%s exited unexpectedly with code %s", record.name, code)
+        policy = record.restart_policy
+        if policy.mode is RestartMode.ON_FAILURE and record.restart_count < policy.max_restarts:
+            asyncio.get_running_loop().create_task(
+                self._restart(managed), name=f"restart:{record.id}"
+            )
+
+    async def _restart(self, managed: _Managed) -> None:
+        record = managed.record
+        record.restart_count += 1
+        delay = record.restart_policy.delay(record.restart_count)
+        logger.info("%s: restart %d in %.1f s", record.name, record.restart_count, delay)
+        await asyncio.sleep(delay)
+        if managed.stopping or record.id not in self._workers:
+            return
+        devices = await asyncio.to_thread(self._detect)
+        device = next((d for d in devices if d.name == record.device), None)
+        if device is None:
+            self._set_state(
+                record, PoolWorkerState.FAILED, f"{record.device} is gone; not restarted"
+            )
+            return
+        try:
+            async for _event in self._start_and_load(managed, device):
+                pass
+        except RbeeError as exc:
+            await self._discard_process(
+                managed, f"restart {record.restart_count} failed: {exc.message}"
+            )
+
+    # --- stopping -----------------------------------------------------------------------------
+
+    async def stop(self, name: str, *, grace: float | None, force: bool) -> PoolWorker:
+        managed = self._managed(name)
+        record = managed.record
+        if not record.state.running:
+            return record
+        managed.stopping = True
+        self._set_state(record, PoolWorkerState.STOPPING, "stopping: draining its queue")
+        if managed.process is not None and managed.process.returncode is None:
+            code = await managed.process.stop(
+                grace=self._config.default_grace if grace is None else grace, force=force
+            )
+            record.exit_code = code
+        if managed.monitor is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(managed.monitor), 5)
+        if record.state is not PoolWorkerState.STOPPED:
+            self._set_state(
+                record, PoolWorkerState.STOPPED, f"stopped (exit code {record.exit_code})"
+            )
+        return record
+
+    async def delete(self, name: str, *, force: bool, allow_missing: bool) -> None:
+        try:
+            managed = self._managed(name)
+        except NotFound:
+            if allow_missing:
+                return
+            raise
+        if managed.record.state.running:
+            if not force:
+                raise FailedPrecondition(
+                    f"{name} is running; stop it first or delete with force", reason="JOB_RUNNING"
+                )
+            await self.stop(name, grace=None, force=False)
+        self._workers.pop(managed.record.id, None)
+        self._publish(WorkerEventKind.DELETED, managed.record)
+
+    async def close(self) -> None:
+        """Stop every worker (the pool is going away; they would die with it anyway)."""
+        running = [m for m in self._workers.values() if m.record.state.running]
+        await asyncio.gather(
+            *(self.stop(m.record.name, grace=2.0, force=False) for m in running),
+            return_exceptions=True,
+        )
+
+    # --- events and logs ----------------------------------------------------------------------
+
+    def _set_state(self, record: PoolWorker, state: PoolWorkerState, message: str) -> None:
+        record.state = state
+        record.state_message = message
+        record.updated_at = _utcnow()
+        self._publish(WorkerEventKind.UPDATED, record)
+
+    def _publish(self, kind: WorkerEventKind, record: PoolWorker) -> None:
+        snapshot = record.model_copy(deep=True)
+        for queue in list(self._watchers):
+            if queue.full():
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    queue.get_nowait()
+            queue.put_nowait((kind, snapshot))
+
+    async def watch(
+        self, *, filter_text: str, send_existing: bool
+    ) -> AsyncIterator[tuple[WorkerEventKind, PoolWorker]]:
+        terms = _parse_filter(filter_text)
+        queue: asyncio.Queue[tuple[WorkerEventKind, PoolWorker]] = asyncio.Queue(WATCH_QUEUE)
+        self._watchers.add(queue)
+        existing = (
+            [m.record.model_copy(deep=True) for m in self._workers.values()]
+            if send_existing
+            else []
+        )
+        return self._watch_stream(queue, terms, existing)
+
+    async def _watch_stream(
+        self,
+        queue: asyncio.Queue[tuple[WorkerEventKind, PoolWorker]],
+        terms: dict[str, str],
+        existing: Sequence[PoolWorker],
+    ) -> AsyncIterator[tuple[WorkerEventKind, PoolWorker]]:
+        try:
+            for record in sorted(existing, key=lambda r: r.id):
+                if _matches(record, terms):
+                    yield WorkerEventKind.EXISTING, record
+            while True:
+                kind, record = await queue.get()
+                if _matches(record, terms):
+                    yield kind, record
+        finally:
+            self._watchers.discard(queue)
+
+    async def logs(
+        self,
+        name: str,
+        *,
+        follow: bool,
+        tail_lines: int,
+        stream: str | None,
+        since: datetime | None,
+    ) -> AsyncIterator[list[LogLine]]:
+        managed = self._managed(name)
+        process = managed.process
+        if process is None:
+            raise FailedPrecondition(
+                f"{name} has no process output yet", reason="FAILED_PRECONDITION"
+            )
+        return self._log_stream(process, follow, tail_lines, stream, since)
+
+    async def _log_stream(
+        self,
+        process: WorkerProcess,
+        follow: bool,
+        tail_lines: int,
+        stream: str | None,
+        since: datetime | None,
+    ) -> AsyncIterator[list[LogLine]]:
+        kept = process.tail(tail_lines, stream=stream, since=since)
+        # follow() starts collecting when called: right after tail(), so no line is lost or
+        # repeated between the kept ones and the new ones.
+        new_lines = process.follow(stream=stream) if follow else None
+        for start in range(0, len(kept), 200):
+            yield kept[start : start + 200]
+        if new_lines is None:
+            return
+        batch: list[LogLine] = []
+        last = time.monotonic()
+        async for line in new_lines:
+            batch.append(line)
+            if len(batch) >= 200 or time.monotonic() - last > 0.1:
+                yield batch
+                batch, last = [], time.monotonic()
+        if batch:
+            yield batch
+
+
+# --- ListWorkers / WatchWorkers filter ---------------------------------------------------------
+
+_FIELDS = ("state", "model", "worker_type", "device", "backend")
+
+
+def _parse_filter(text: str) -> dict[str, str]:
+    """`field=value` terms joined by AND: state, model, worker_type, device, backend, labels.KEY."""
+    terms: dict[str, str] = {}
+    text = text.strip()
+    if not text:
+        return terms
+    if len(text) > 1024:
+        raise InvalidArgument.for_field(
+            "filter", "longer than 1024 characters", reason="INVALID_FILTER"
+        )
+    for raw in text.split(" AND "):
+        name, sep, value = raw.strip().partition("=")
+        name, value = name.strip(), value.strip().strip('"')
+        if not sep or not value or (name not in _FIELDS and not name.startswith("labels.")):
+            raise InvalidArgument.for_field(
+                "filter",
+                f"cannot read {raw.strip()[:60]!r}: use field=value terms joined by AND, with "
+                f"fields {', '.join(_FIELDS)}, labels.KEY (e.g. state=ready AND "
+                "device=devices/cpu)",
+                reason="INVALID_FILTER",
+            )
+        if name == "state":
+            value = value.lower().removeprefix("worker_state_")
+            if value not in PoolWorkerState.__members__.values():
+                raise InvalidArgument.for_field(
+                    "filter",
+                    f"state must be one of {', '.join(s.value for s in PoolWorkerState)}",
+                    reason="INVALID_FILTER",
+                )
+        terms[name] = value
+    return terms
+
+
+def _matches(record: PoolWorker, terms: dict[str, str]) -> bool:
+    for name, value in terms.items():
+        if name == "state" and record.state.value != value:
+            return False
+        if name == "model" and record.model not in (value, f"models/{value}"):
+            return False
+        if name == "worker_type" and record.worker_type not in (value, f"worker-types/{value}"):
+            return False
+        if name == "device" and record.device not in (value, f"devices/{value}"):
+            return False
+        if name == "backend" and (record.backend.value if record.backend else "") != value.lower():
+            return False
+        if name.startswith("labels.") and record.labels.get(name.removeprefix("labels.")) != value:
+            return False
+    return True
+
+
+def jsonable(record: PoolWorker) -> dict[str, Any]:
+    return record.model_dump(mode="json", exclude={"load_options"})
