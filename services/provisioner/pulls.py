@@ -57,6 +57,7 @@ from services.common.errors import (
     Unavailable,
     error_for_status,
 )
+from services.common.list_filter import parse_equality_filter
 from services.provisioner.domain import (
     CivitaiSpec,
     Credentials,
@@ -891,44 +892,16 @@ _FILTER_FIELDS = ("state", "source", "model")
 
 
 def _parse_pull_filter(text: str) -> dict[str, str]:
-    """`field=value` terms joined by AND; fields state, source, model (case-insensitive values)."""
-    terms: dict[str, str] = {}
-    text = text.strip()
-    if not text:
-        return terms
-    if len(text) > 1024:
-        raise InvalidArgument.for_field(
-            "filter", "longer than 1024 characters", reason="INVALID_FILTER"
-        )
-    for raw in text.split(" AND "):
-        name, sep, value = raw.strip().partition("=")
-        name, value = name.strip(), value.strip().strip('"')
-        if not sep or name not in _FILTER_FIELDS or not value:
-            raise InvalidArgument.for_field(
-                "filter",
-                f"cannot read {raw.strip()[:60]!r}: use field=value terms joined by AND, with "
-                f"fields {', '.join(_FILTER_FIELDS)} (e.g. state=downloading AND "
-                "source=huggingface)",
-                reason="INVALID_FILTER",
-            )
-        if name == "state":
-            value = value.lower().removeprefix("pull_state_")
-            if value not in PullState.__members__.values():
-                raise InvalidArgument.for_field(
-                    "filter",
-                    f"state must be one of {', '.join(s.value for s in PullState)}",
-                    reason="INVALID_FILTER",
-                )
-        elif name == "source":
-            value = value.lower()
-            if value not in SourceKind.__members__.values():
-                raise InvalidArgument.for_field(
-                    "filter",
-                    f"source must be one of {', '.join(k.value for k in SourceKind)}",
-                    reason="INVALID_FILTER",
-                )
-        terms[name] = value
-    return terms
+    """`field=value` terms joined by AND; fields state, source, model."""
+    return parse_equality_filter(
+        text,
+        fields=_FILTER_FIELDS,
+        enums={
+            "state": ({s.value for s in PullState}, "pull_state_"),
+            "source": ({k.value for k in SourceKind}, "source_kind_"),
+        },
+        example="state=downloading AND source=huggingface",
+    )
 
 
 def _matches(record: PullRecord, terms: dict[str, str]) -> bool:

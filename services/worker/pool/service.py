@@ -57,6 +57,7 @@ from services.common.errors import (
     ResourceExhausted,
     Unimplemented,
 )
+from services.common.list_filter import parse_equality_filter
 from services.worker.pool.devices import CUDA_ORDER_ENVIRONMENT, HostDevice
 from services.worker.pool.domain import (
     LiveStatus,
@@ -777,35 +778,13 @@ _FIELDS = ("state", "model", "worker_type", "device", "backend")
 
 def _parse_filter(text: str) -> dict[str, str]:
     """`field=value` terms joined by AND: state, model, worker_type, device, backend, labels.KEY."""
-    terms: dict[str, str] = {}
-    text = text.strip()
-    if not text:
-        return terms
-    if len(text) > 1024:
-        raise InvalidArgument.for_field(
-            "filter", "longer than 1024 characters", reason="INVALID_FILTER"
-        )
-    for raw in text.split(" AND "):
-        name, sep, value = raw.strip().partition("=")
-        name, value = name.strip(), value.strip().strip('"')
-        if not sep or not value or (name not in _FIELDS and not name.startswith("labels.")):
-            raise InvalidArgument.for_field(
-                "filter",
-                f"cannot read {raw.strip()[:60]!r}: use field=value terms joined by AND, with "
-                f"fields {', '.join(_FIELDS)}, labels.KEY (e.g. state=ready AND "
-                "device=devices/cpu)",
-                reason="INVALID_FILTER",
-            )
-        if name == "state":
-            value = value.lower().removeprefix("worker_state_")
-            if value not in PoolWorkerState.__members__.values():
-                raise InvalidArgument.for_field(
-                    "filter",
-                    f"state must be one of {', '.join(s.value for s in PoolWorkerState)}",
-                    reason="INVALID_FILTER",
-                )
-        terms[name] = value
-    return terms
+    return parse_equality_filter(
+        text,
+        fields=_FIELDS,
+        enums={"state": ({s.value for s in PoolWorkerState}, "worker_state_")},
+        labels=True,
+        example="state=ready AND device=devices/cpu",
+    )
 
 
 def _matches(record: PoolWorker, terms: dict[str, str]) -> bool:
