@@ -36,6 +36,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import BaseModel
 
+from bench.console import Progress, command_line
 from bench.processes import wait_serving
 from rbee.catalog.v1 import catalog_pb2 as pb
 from rbee.catalog.v1 import catalog_pb2_grpc
@@ -882,10 +883,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print its table; 0 whatever the targets say."""
     args = parse_args(argv)
-    started = time.perf_counter()
-
-    def progress(message: str) -> None:
-        print(f"[{time.perf_counter() - started:7.1f} s] {message}", file=sys.stderr, flush=True)
+    progress = Progress()
 
     config = BenchConfig(
         models=args.models,
@@ -898,9 +896,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=progress,
     )
     result = run_benchmark(config)
-    command = "python -m bench.catalog " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(render_table(result, command.strip()))
-    progress(f"done{'; kept ' + str(result.workdir) if args.keep else ''}")
+    command = command_line("bench.catalog", argv)
+    print(render_table(result, command))
+    progress.done(result.workdir, kept=args.keep)
     return 0
 
 

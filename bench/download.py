@@ -54,6 +54,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.catalog import bench_workdir
+from bench.console import Progress, command_line
 from bench.processes import (
     RssSampler,
     cpu_seconds,
@@ -651,10 +652,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print its table; 0 whatever the targets say."""
     args = parse_args(argv)
-    started = time.perf_counter()
-
-    def progress(message: str) -> None:
-        print(f"[{time.perf_counter() - started:7.1f} s] {message}", file=sys.stderr, flush=True)
+    progress = Progress()
 
     config = BenchConfig(
         size=args.size,
@@ -664,9 +662,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=progress,
     )
     result = run_benchmark(config)
-    command = "python -m bench.download " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(render_table(result, command.strip()))
-    progress(f"done{'; kept ' + str(result.workdir) if args.keep else ''}")
+    command = command_line("bench.download", argv)
+    print(render_table(result, command))
+    progress.done(result.workdir, kept=args.keep)
     return 0
 
 

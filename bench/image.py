@@ -68,6 +68,7 @@ from typing import IO, Any
 import grpc
 
 from bench.catalog import bench_workdir
+from bench.console import Progress, command_line
 from bench.processes import free_port, stop_process, wait_serving
 from rbee.worker.v1 import image_pb2, load_pb2, worker_pb2_grpc
 from rbee.worker.v1 import worker_pb2 as worker_pb
@@ -733,10 +734,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print its table; 0 whatever the target says."""
     args = parse_args(argv)
-    started = time.perf_counter()
-
-    def progress(message: str) -> None:
-        print(f"[{time.perf_counter() - started:7.1f} s] {message}", file=sys.stderr, flush=True)
+    progress = Progress()
 
     config = BenchConfig(
         rounds=max(1, args.rounds),
@@ -752,9 +750,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=progress,
     )
     result = run_benchmark(config)
-    command = "python -m bench.image " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(render_report(result, command.strip()))
-    progress(f"done{'; kept ' + str(result.workdir) if args.keep else ''}")
+    command = command_line("bench.image", argv)
+    print(render_report(result, command))
+    progress.done(result.workdir, kept=args.keep)
     return 0
 
 

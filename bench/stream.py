@@ -68,6 +68,7 @@ from llama_cpp import Llama
 from llama_cpp.llama_grammar import LlamaGrammar
 
 from bench.catalog import bench_workdir, percentile
+from bench.console import Progress, command_line
 from bench.processes import wait_serving
 from rbee.worker.v1 import generation_pb2 as gen_pb
 from rbee.worker.v1 import load_pb2 as load_pb
@@ -754,10 +755,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print its tables; 0 whatever the targets say."""
     args = parse_args(argv)
-    started = time.perf_counter()
-
-    def progress(message: str) -> None:
-        print(f"[{time.perf_counter() - started:7.1f} s] {message}", file=sys.stderr, flush=True)
+    progress = Progress()
 
     config = BenchConfig(
         runs=max(1, args.runs),
@@ -768,9 +766,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=progress,
     )
     result = run_benchmark(config)
-    command = "python -m bench.stream " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(render_report(result, command.strip(), config.tokens))
-    progress(f"done{'; kept ' + str(result.workdir) if args.keep else ''}")
+    command = command_line("bench.stream", argv)
+    print(render_report(result, command, config.tokens))
+    progress.done(result.workdir, kept=args.keep)
     return 0
 
 
