@@ -148,6 +148,18 @@ def backend_installed(engine: str) -> bool:
     return module is None or importlib.util.find_spec(module) is not None
 
 
+def spawn_event(record: PoolWorker, stage: SpawnStage, message: str, **extra: Any) -> SpawnEvent:
+    """A progress event of `record`'s spawn (worker, type and device filled in)."""
+    return SpawnEvent(
+        worker=record.name,
+        stage=stage,
+        message=message,
+        worker_type=record.worker_type,
+        device=record.device,
+        **extra,
+    )
+
+
 def _extra(engine: str) -> str:
     return "llm" if engine == "llama_cpp" else "sd"
 
@@ -294,21 +306,17 @@ class PoolService:
             record, result, device = await self._validate(request)
             existing = self._reusable(record) if request.reuse else None
             if existing is not None:
-                yield SpawnEvent(
-                    worker=existing.name,
-                    stage=SpawnStage.READY,
-                    message=f"reusing {existing.name}",
-                    worker_type=existing.worker_type,
-                    device=existing.device,
+                yield spawn_event(
+                    existing,
+                    SpawnStage.READY,
+                    f"reusing {existing.name}",
                 )
                 yield existing
                 return
-            yield SpawnEvent(
-                worker=record.name,
-                stage=SpawnStage.VALIDATING,
-                message=f"{record.worker_type} on {record.device}: {result.verdict.value}",
-                worker_type=record.worker_type,
-                device=record.device,
+            yield spawn_event(
+                record,
+                SpawnStage.VALIDATING,
+                f"{record.worker_type} on {record.device}: {result.verdict.value}",
                 compatibility=result,
             )
             if request.validate_only:
@@ -323,12 +331,10 @@ class PoolService:
             managed = _Managed(record=record)
             self._workers[record.id] = managed  # claims count from here on
         self._publish(WorkerEventKind.CREATED, record)
-        yield SpawnEvent(
-            worker=record.name,
-            stage=SpawnStage.INSTALLING,
-            message=f"the {record.engine} backend runs in the pool's environment (system install)",
-            worker_type=record.worker_type,
-            device=record.device,
+        yield spawn_event(
+            record,
+            SpawnStage.INSTALLING,
+            f"the {record.engine} backend runs in the pool's environment (system install)",
         )
         try:
             async for event in self._start_and_load(managed, device):
@@ -510,13 +516,11 @@ class PoolService:
             **CUDA_ORDER_ENVIRONMENT,
         }
         self._set_state(record, PoolWorkerState.STARTING, f"starting on {record.endpoint}")
-        yield SpawnEvent(
-            worker=record.name,
-            stage=SpawnStage.STARTING,
-            message=f"rbee-worker --engine {record.engine} --device {device.worker_device} "
+        yield spawn_event(
+            record,
+            SpawnStage.STARTING,
+            f"rbee-worker --engine {record.engine} --device {device.worker_device} "
             f"on {record.endpoint}",
-            worker_type=record.worker_type,
-            device=record.device,
         )
         log_path = self._config.logs_dir / f"{record.id}.log"
         managed.exited = asyncio.Event()
@@ -541,12 +545,10 @@ class PoolService:
                 exc.message = f"{exc.message}; stderr tail:\n{tail}"
             raise
         self._set_state(record, PoolWorkerState.LOADING, f"loading {record.model}")
-        yield SpawnEvent(
-            worker=record.name,
-            stage=SpawnStage.LOADING,
-            message=f"loading {record.model}",
-            worker_type=record.worker_type,
-            device=record.device,
+        yield spawn_event(
+            record,
+            SpawnStage.LOADING,
+            f"loading {record.model}",
         )
         request = load_request(record.model, record.model_paths, record.load_options)
         async for item in managed.link.load(request, limit_s=timeout):
@@ -554,22 +556,18 @@ class PoolService:
                 record.live = item
                 continue
             stage, fraction, message = item
-            yield SpawnEvent(
-                worker=record.name,
-                stage=SpawnStage.LOADING,
-                message=message,
-                worker_type=record.worker_type,
-                device=record.device,
+            yield spawn_event(
+                record,
+                SpawnStage.LOADING,
+                message,
                 load_stage=stage,
                 load_fraction=fraction,
             )
         self._set_state(record, PoolWorkerState.READY, f"serving {record.model}")
-        yield SpawnEvent(
-            worker=record.name,
-            stage=SpawnStage.READY,
-            message=f"{record.name} is ready on {record.endpoint}",
-            worker_type=record.worker_type,
-            device=record.device,
+        yield spawn_event(
+            record,
+            SpawnStage.READY,
+            f"{record.name} is ready on {record.endpoint}",
         )
 
     async def _discard_process(self, managed: _Managed, message: str) -> None:
