@@ -474,6 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_provisioner_commands(sub, common)
 
+    from rbee_client.cli.mesh import add_commands as add_mesh_commands
+
+    add_mesh_commands(sub)
+
     p = sub.add_parser("serve", help="run a service in the foreground")
     p.add_argument("service", choices=("catalog", "provisioner", "pool"))
     p.set_defaults(func=cmd_serve)
