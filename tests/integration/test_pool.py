@@ -41,6 +41,10 @@ class Hive:
     catalog: catalog_pb2_grpc.CatalogServiceStub
     service: PoolService
     home: Path
+    registry: CollectorRegistry
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        return self.registry.get_sample_value(name, labels)
 
 
 @contextmanager
@@ -55,8 +59,10 @@ def running_hive(home: Path) -> Iterator[Hive]:
             stop_grace=5.0,
         )
 
+        registry = CollectorRegistry()
+
         async def build() -> tuple[RunningServer, PoolService]:
-            running, service = await start_pool(settings, CollectorRegistry())
+            running, service = await start_pool(settings, registry)
             await running.set_serving()
             return running, service
 
@@ -70,6 +76,7 @@ def running_hive(home: Path) -> Iterator[Hive]:
                 catalog_pb2_grpc.CatalogServiceStub(catalog_channel),
                 service,
                 home,
+                registry,
             )
 
 
@@ -150,6 +157,8 @@ def test_spawn_generate_list_stop(hive: Hive, tmp_path: Path) -> None:
     assert worker.state == wpb.WORKER_STATE_READY
     assert worker.pid > 0 and alive(worker.pid)
     assert worker.memory.claimed_ram_bytes > 0
+    assert hive.metric("rbee_pool_workers", state="ready") == 1
+    assert hive.metric("rbee_pool_spawn_duration_seconds_count", outcome="succeeded") == 1
 
     with grpc.insecure_channel(worker.endpoint) as channel:
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
@@ -180,6 +189,8 @@ def test_spawn_generate_list_stop(hive: Hive, tmp_path: Path) -> None:
     stopped = hive.pool.StopWorker(pb.StopWorkerRequest(name=worker.name), timeout=30)
     assert stopped.state == wpb.WORKER_STATE_STOPPED
     assert stopped.exit_code == 0
+    assert hive.metric("rbee_pool_worker_exits_total", exit="expected") == 1
+    assert hive.metric("rbee_pool_workers", state="stopped") == 1
     wait_until(lambda: not alive(worker.pid), 10)
     cpu = hive.pool.GetDevice(pb.GetDeviceRequest(name="devices/cpu"), timeout=10)
     assert list(cpu.workers) == [] and cpu.claimed_ram_bytes == 0
@@ -222,6 +233,8 @@ def test_a_killed_worker_is_failed_with_its_stderr_and_restarted(
     )
     again = hive.pool.GetWorker(pb.GetWorkerRequest(name=worker.name), timeout=10)
     assert again.restart_count == 1 and again.pid != worker.pid and alive(again.pid)
+    assert hive.metric("rbee_pool_worker_exits_total", exit="unexpected") == 1
+    assert hive.metric("rbee_pool_worker_restarts_total") == 1
     watch.cancel()
 
     # The restart budget is spent: the next crash stays FAILED.

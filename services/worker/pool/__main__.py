@@ -21,6 +21,7 @@ from services.common.server import (
     start_server,
 )
 from services.worker.pool.devices import detect_devices
+from services.worker.pool.metrics import PoolMetrics
 from services.worker.pool.service import PoolService
 from services.worker.pool.servicer import SERVICE_NAME, PoolServicer
 from services.worker.pool.settings import PoolSettings
@@ -34,7 +35,12 @@ async def start_pool(
     """Bind the server (NOT_SERVING) and return; the caller sets SERVING. Stopping the server
     stops every worker first (they would die with the pool anyway)."""
     catalog = GrpcCatalogLink(settings.catalog_address)
-    service = PoolService(catalog=catalog, config=settings.pool_config(), devices=detect_devices)
+    service = PoolService(
+        catalog=catalog,
+        config=settings.pool_config(),
+        devices=detect_devices,
+        metrics=PoolMetrics(registry),
+    )
     running = await start_server(
         [
             ServiceBinding(

@@ -69,6 +69,7 @@ from services.worker.pool.domain import (
     SpawnStage,
     WorkerEventKind,
 )
+from services.worker.pool.metrics import PoolMetrics
 from services.worker.pool.process import LaunchSpec, LogLine, WorkerProcess
 from services.worker.pool.worker_link import WorkerLink, load_request
 
@@ -186,7 +187,9 @@ class PoolService:
         catalog: CatalogLink,
         config: PoolConfig,
         devices: Callable[[], list[HostDevice]],
+        metrics: PoolMetrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._catalog = catalog
         self._config = config
         self._detect = devices
@@ -336,13 +339,18 @@ class PoolService:
             SpawnStage.INSTALLING,
             f"the {record.engine} backend runs in the pool's environment (system install)",
         )
+        began = time.monotonic()
         try:
             async for event in self._start_and_load(managed, device):
                 yield event
         except BaseException as exc:
             message = exc.message if isinstance(exc, RbeeError) else "the spawn was cancelled"
             await self._discard_process(managed, f"spawn failed: {message}")
+            if self._metrics is not None:
+                self._metrics.spawn_duration.labels("failed").observe(time.monotonic() - began)
             raise
+        if self._metrics is not None:
+            self._metrics.spawn_duration.labels("succeeded").observe(time.monotonic() - began)
         yield managed.record
 
     async def _validate(
@@ -592,6 +600,8 @@ class PoolService:
         if managed.link is not None:
             await managed.link.close()
             managed.link = None
+        if self._metrics is not None:
+            self._metrics.exits.labels("expected" if managed.stopping else "unexpected").inc()
         if managed.stopping:
             if record.state is not PoolWorkerState.FAILED:
                 self._set_state(record, PoolWorkerState.STOPPED, f"stopped (exit code {code})")
@@ -612,6 +622,8 @@ class PoolService:
     async def _restart(self, managed: _Managed) -> None:
         record = managed.record
         record.restart_count += 1
+        if self._metrics is not None:
+            self._metrics.restarts.inc()
         delay = record.restart_policy.delay(record.restart_count)
         logger.info("%s: restart %d in %.1f s", record.name, record.restart_count, delay)
         await asyncio.sleep(delay)
@@ -670,6 +682,7 @@ class PoolService:
             await self.stop(name, grace=None, force=False)
         self._workers.pop(managed.record.id, None)
         self._publish(WorkerEventKind.DELETED, managed.record)
+        self._count_states()
 
     async def close(self) -> None:
         """Stop every worker (the pool is going away; they would die with it anyway)."""
@@ -686,6 +699,11 @@ class PoolService:
         record.state_message = message
         record.updated_at = _utcnow()
         self._publish(WorkerEventKind.UPDATED, record)
+        self._count_states()
+
+    def _count_states(self) -> None:
+        if self._metrics is not None:
+            self._metrics.count_states([m.record.state for m in self._workers.values()])
 
     def _publish(self, kind: WorkerEventKind, record: PoolWorker) -> None:
         snapshot = record.model_copy(deep=True)
