@@ -521,9 +521,9 @@ class TopLogprob(_message.Message):
     token_id: _builtins.int
     """The token id."""
     token: _builtins.bytes
-    """The token's bytes (may be part of a multi-byte character)."""
+    """The token's bytes (may be part of a multi-byte character; empty for control tokens)."""
     logprob: _builtins.float
-    """Its log probability."""
+    """Its log probability under the model's own distribution (as for TokenLogprob.logprob)."""
     def __init__(
         self,
         *,
@@ -552,9 +552,12 @@ class TokenLogprob(_message.Message):
     token_id: _builtins.int
     """The token id."""
     token: _builtins.bytes
-    """The token's bytes (may be part of a multi-byte character)."""
+    """The token's bytes (may be part of a multi-byte character; empty for control tokens)."""
     logprob: _builtins.float
-    """Its log probability."""
+    """Its log probability: the log-softmax over the whole vocabulary of the model's raw logits
+    at that position, before the sampler chain (logit bias, penalties, grammar, temperature,
+    top-k/p) changed them. A token forced by a bias or grammar keeps the model's own value.
+    """
     @_builtins.property
     def top_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopLogprob]:
         """The most likely alternatives, best first."""

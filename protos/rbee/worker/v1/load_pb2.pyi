@@ -88,9 +88,11 @@ class LoraAdapter(_message.Message):
     model: _builtins.str
     """The LoRA's catalog model, `models/{model}`."""
     path: _builtins.str
-    """An absolute path on the worker host."""
+    """An absolute path on the worker host, to a `.safetensors` file (pickled formats are
+    refused: loading them runs code).
+    """
     weight: _builtins.float
-    """The weight (scale); unset = 1.0."""
+    """The weight (scale), -4 to 4; unset = 1.0."""
     def __init__(
         self,
         *,
