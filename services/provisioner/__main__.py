@@ -21,6 +21,7 @@ from services.common.server import (
     start_server,
 )
 from services.provisioner.metrics import ProvisionerMetrics
+from services.provisioner.preload import PreloadManager, PreloadMetrics
 from services.provisioner.pull_store import PullStore
 from services.provisioner.pulls import PullManager
 from services.provisioner.service import ProvisionerService
@@ -35,9 +36,15 @@ SERVICE_NAME = "rbee.provisioner.v1.ProvisionerService"
 def build_service(
     settings: ProvisionerSettings, registry: CollectorRegistry
 ) -> tuple[ProvisionerService, GrpcCatalogLink]:
-    """The service with its pull manager and catalog link (not started: `pulls.start()`)."""
+    """The service with its pull and preload managers and catalog link (not started:
+    `pulls.start()`)."""
     catalog = GrpcCatalogLink(settings.catalog_address)
     context = settings.source_context()
+    preloads = PreloadManager(
+        catalog=catalog,
+        budget_bytes=settings.preload_budget_bytes(),
+        metrics=PreloadMetrics(registry),
+    )
     pulls = PullManager(
         store=PullStore(settings.pulls_dir),
         catalog=catalog,
@@ -48,7 +55,8 @@ def build_service(
         resume_on_start=settings.resume_on_start,
         metrics=ProvisionerMetrics(registry),
     )
-    return ProvisionerService(pulls=pulls, catalog=catalog, context=context), catalog
+    service = ProvisionerService(pulls=pulls, catalog=catalog, context=context, preloads=preloads)
+    return service, catalog
 
 
 async def start_provisioner(

@@ -27,6 +27,7 @@ from services.provisioner.domain import (
     SearchQuery,
     SearchSort,
 )
+from services.provisioner.preload import PreloadEvent, PreloadPage, PreloadRecord
 from services.provisioner.pulls import display_source
 
 PULL_STATE_TO_PB = {
@@ -258,4 +259,61 @@ def search_hit_to_pb(hit: SearchHit) -> pb.SearchResult:
 def search_page_to_pb(page: SearchPage) -> pb.SearchModelsResponse:
     return pb.SearchModelsResponse(
         results=[search_hit_to_pb(h) for h in page.hits], next_page_token=page.next_page_token
+    )
+
+
+# --- preloads ----------------------------------------------------------------------------------
+
+
+def _duration(seconds: float) -> Duration:
+    duration = Duration()
+    duration.FromTimedelta(timedelta(seconds=round(seconds, 6)))
+    return duration
+
+
+def preload_event_to_pb(event: PreloadEvent) -> pb.PreloadResponse:
+    """A preload progress event; bytes already resident at the start are `reused_bytes`."""
+    progress = pb.PreloadProgress(
+        model=event.model,
+        file=event.file,
+        file_index=event.file_index,
+        file_count=event.file_count,
+        bytes=_bytes(
+            event.done_bytes,
+            event.total_bytes,
+            rate=event.bytes_per_second,
+            eta=event.eta_seconds,
+            reused=event.resident_before_bytes,
+        ),
+    )
+    return pb.PreloadResponse(progress=progress)
+
+
+def preload_to_pb(record: PreloadRecord) -> pb.Preload:
+    return pb.Preload(
+        name=record.name,
+        model=record.model,
+        total_bytes=record.total_bytes,
+        resident_bytes=record.resident_bytes,
+        pinned=record.pinned,
+        duration=_duration(record.duration_seconds),
+        evicted_models=record.evicted_models,
+        last_used_time=catalog_convert.timestamp_to_pb(record.last_used_at),
+        measure_time=catalog_convert.timestamp_to_pb(record.measured_at),
+    )
+
+
+def preload_result_to_pb(record: PreloadRecord) -> pb.PreloadResponse:
+    """The terminal message of a Preload stream."""
+    return pb.PreloadResponse(preload=preload_to_pb(record))
+
+
+def preload_page_to_pb(page: PreloadPage) -> pb.ListPreloadsResponse:
+    return pb.ListPreloadsResponse(
+        preloads=[preload_to_pb(r) for r in page.preloads],
+        next_page_token=page.next_page_token,
+        total_size=page.total_size,
+        budget_bytes=page.budget_bytes,
+        resident_bytes=page.resident_bytes,
+        evictions=page.evictions,
     )

@@ -1,4 +1,5 @@
-"""The provisioner's data plane, transport-neutral: pulls, resolution, search, remote inspection.
+"""The provisioner's data plane, transport-neutral: pulls, resolution, search, remote inspection,
+page-cache preloads.
 
 The servicer converts and calls this; nothing here imports grpc or *_pb2.
 """
@@ -22,6 +23,7 @@ from services.catalog.ids import model_id_for_source
 from services.catalog.link import CatalogLink
 from services.common.errors import AlreadyExists
 from services.provisioner.domain import PullOptions, PullRecord, Resolution, SearchPage, SearchQuery
+from services.provisioner.preload import PreloadManager
 from services.provisioner.pulls import PullItem, PullManager
 from services.provisioner.remote_inspect import inspect_remote
 from services.provisioner.search import search
@@ -63,8 +65,16 @@ def host_devices() -> list[Device]:
 
 
 class ProvisionerService:
-    def __init__(self, *, pulls: PullManager, catalog: CatalogLink, context: SourceContext) -> None:
+    def __init__(
+        self,
+        *,
+        pulls: PullManager,
+        catalog: CatalogLink,
+        context: SourceContext,
+        preloads: PreloadManager,
+    ) -> None:
         self.pulls = pulls
+        self.preloads = preloads
         self._catalog = catalog
         self._ctx = context
 

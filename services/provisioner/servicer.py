@@ -19,6 +19,7 @@ from services.catalog import convert as catalog_convert
 from services.catalog.domain import Model
 from services.common.errors import InvalidArgument, Unimplemented
 from services.provisioner import convert
+from services.provisioner.preload import PreloadRecord
 from services.provisioner.pulls import PullItem
 from services.provisioner.service import ProvisionerService
 
@@ -178,15 +179,29 @@ class ProvisionerServicer(provisioner_pb2_grpc.ProvisionerServiceServicer):
     async def ListRecipes(self, request: Any, context: Context) -> Any:
         raise Unimplemented(_NOT_YET.format(rpc="ListRecipes"))
 
-    async def Preload(self, request: Any, context: Context) -> AsyncIterator[Any]:
-        raise Unimplemented(_NOT_YET.format(rpc="Preload"))
-        yield  # pragma: no cover
+    async def Preload(
+        self, request: pb.PreloadRequest, context: Context
+    ) -> AsyncIterator[pb.PreloadResponse]:
+        stream = await self._service.preloads.preload(request.model, pin=request.pin)
+        # aclosing: a caller that leaves stops the read within one buffer.
+        async with contextlib.aclosing(stream):  # type: ignore[type-var]
+            async for item in stream:
+                if isinstance(item, PreloadRecord):
+                    yield convert.preload_result_to_pb(item)
+                else:
+                    yield convert.preload_event_to_pb(item)
 
-    async def GetPreload(self, request: Any, context: Context) -> Any:
-        raise Unimplemented(_NOT_YET.format(rpc="GetPreload"))
+    async def GetPreload(self, request: pb.GetPreloadRequest, context: Context) -> pb.Preload:
+        return convert.preload_to_pb(await self._service.preloads.get(request.name))
 
-    async def ListPreloads(self, request: Any, context: Context) -> Any:
-        raise Unimplemented(_NOT_YET.format(rpc="ListPreloads"))
+    async def ListPreloads(
+        self, request: pb.ListPreloadsRequest, context: Context
+    ) -> pb.ListPreloadsResponse:
+        page = await self._service.preloads.list_preloads(
+            page_size=request.page_size, page_token=request.page_token
+        )
+        return convert.preload_page_to_pb(page)
 
-    async def DeletePreload(self, request: Any, context: Context) -> Any:
-        raise Unimplemented(_NOT_YET.format(rpc="DeletePreload"))
+    async def DeletePreload(self, request: pb.DeletePreloadRequest, context: Context) -> Empty:
+        await self._service.preloads.delete(request.name, allow_missing=request.allow_missing)
+        return Empty()

@@ -28,6 +28,38 @@ def _default_hf_cache() -> Path:
     return Path("~/.cache/huggingface/hub").expanduser()
 
 
+DEFAULT_PRELOAD_BUDGET = "50%"
+
+
+def total_ram_bytes() -> int:
+    """Physical RAM of this machine (sysconf: Linux and macOS); 0 when unknown."""
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+    return pages * size if pages > 0 and size > 0 else 0
+
+
+def parse_budget(text: str, *, total_ram: int) -> int:
+    """A budget in bytes from `N` (bytes) or `N%` (of `total_ram`); `0` is no budget."""
+    text = text.strip()
+    try:
+        if text.endswith("%"):
+            percent = float(text[:-1])
+            if not 0 <= percent <= 100:
+                raise ValueError
+            return int(total_ram * percent / 100)
+        value = int(text)
+        if value < 0:
+            raise ValueError
+        return value
+    except ValueError:
+        raise ValueError(
+            f"a preload budget is a number of bytes (e.g. 8589934592) or a percentage of total "
+            f"RAM between 0% and 100% (e.g. 50%); got {text!r}"
+        ) from None
+
+
 class ProvisionerSettings(ServiceSettings):
     """Where the provisioner listens, where the catalog is, the upstreams and the transfer."""
 
@@ -65,6 +97,14 @@ class ProvisionerSettings(ServiceSettings):
     backoff_initial: float = Field(default=0.5, ge=0)
     backoff_max: float = Field(default=30.0, ge=0)
     bandwidth_limit: int = Field(default=0, ge=0, description="Bytes per second; 0: unlimited.")
+    preload_budget: str = Field(
+        default=DEFAULT_PRELOAD_BUDGET,
+        description=(
+            "RAM that preloaded models may hold in the page cache: bytes (`8589934592`), or a "
+            "percentage of total RAM (`50%`); `0`: no budget. Beyond it the least recently "
+            "used preloads are evicted."
+        ),
+    )
 
     @field_validator("hf_endpoint", "civitai_endpoint")
     @classmethod
@@ -73,6 +113,13 @@ class ProvisionerSettings(ServiceSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError(f"an endpoint must be an http(s) URL, got {value!r}")
         return value
+
+    @field_validator("preload_budget", mode="before")
+    @classmethod
+    def _check_budget(cls, value: object) -> str:
+        text = str(value).strip()
+        parse_budget(text, total_ram=1)  # raises ValueError with the accepted forms
+        return text
 
     @field_validator("hf_token", "civitai_token", mode="before")
     @classmethod
@@ -93,6 +140,11 @@ class ProvisionerSettings(ServiceSettings):
     @property
     def pulls_dir(self) -> Path:
         return self.home / "provisioner" / "pulls"
+
+    def preload_budget_bytes(self, total_ram: int | None = None) -> int:
+        """The preload budget in bytes (a percentage is taken of `total_ram`, default this
+        machine's physical RAM); 0: no budget."""
+        return parse_budget(self.preload_budget, total_ram=total_ram or total_ram_bytes())
 
     def credentials(self) -> Credentials:
         return Credentials(hf_token=self.hf_token, civitai_token=self.civitai_token)

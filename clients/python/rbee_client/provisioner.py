@@ -15,7 +15,7 @@ pull may take hours); pass `timeout=` to bound one. Errors are typed (rbee_clien
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -71,6 +71,37 @@ def _update_from_pb(p: pb.PullProgress) -> PullUpdate:
         else None,
         reused_bytes=p.total_bytes.reused_bytes,
         message=p.message,
+        raw=p,
+    )
+
+
+@dataclass(frozen=True)
+class PreloadUpdate:
+    """One progress event of a preload."""
+
+    model: str
+    file: str
+    file_index: int
+    file_count: int
+    done_bytes: int
+    total_bytes: int
+    bytes_per_second: float
+    eta_seconds: float | None
+    resident_before_bytes: int  # already in the page cache when the preload started
+    raw: pb.PreloadProgress
+
+
+def _preload_update_from_pb(p: pb.PreloadProgress) -> PreloadUpdate:
+    return PreloadUpdate(
+        model=p.model,
+        file=p.file,
+        file_index=p.file_index,
+        file_count=p.file_count,
+        done_bytes=p.bytes.completed_bytes,
+        total_bytes=p.bytes.total_bytes,
+        bytes_per_second=p.bytes.bytes_per_second,
+        eta_seconds=p.bytes.eta.ToTimedelta().total_seconds() if p.bytes.HasField("eta") else None,
+        resident_before_bytes=p.bytes.reused_bytes,
         raw=p,
     )
 
@@ -209,5 +240,65 @@ class ProvisionerClient:
                 request, timeout=self._timeout
             )
             return response
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    # --- preloads ------------------------------------------------------------------------------
+
+    def preload(
+        self, model: str, *, pin: bool = False, timeout: float | None = None
+    ) -> Generator[PreloadUpdate | pb.Preload, None, None]:
+        """Warm `models/{id}` into the page cache: progress updates, then the pb.Preload with
+        the residency measured at the end. Leaving the iterator early stops the read."""
+        call = self._stub.Preload(pb.PreloadRequest(model=model, pin=pin), timeout=timeout)
+        try:
+            for msg in call:
+                if msg.HasField("preload"):
+                    yield msg.preload
+                else:
+                    yield _preload_update_from_pb(msg.progress)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        finally:
+            call.cancel()  # leaving early (Ctrl-C, break) stops the server's read
+
+    def get_preload(self, name: str) -> pb.Preload:
+        """A preload (`preloads/{id}`) with its residency measured now."""
+        try:
+            preload: pb.Preload = self._stub.GetPreload(
+                pb.GetPreloadRequest(name=name), timeout=self._timeout
+            )
+            return preload
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    def list_preloads(self, *, page_size: int = 0) -> pb.ListPreloadsResponse:
+        """Every preload, most recently used first (all pages), with the budget and totals."""
+        merged = pb.ListPreloadsResponse()
+        token = ""
+        try:
+            while True:
+                response = self._stub.ListPreloads(
+                    pb.ListPreloadsRequest(page_size=page_size, page_token=token),
+                    timeout=self._timeout,
+                )
+                merged.preloads.extend(response.preloads)
+                merged.total_size = response.total_size
+                merged.budget_bytes = response.budget_bytes
+                merged.resident_bytes = response.resident_bytes
+                merged.evictions = response.evictions
+                token = response.next_page_token
+                if not token:
+                    return merged
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    def delete_preload(self, name: str, *, allow_missing: bool = False) -> None:
+        """Evict a preload from the page cache (DONTNEED) and stop tracking it."""
+        try:
+            self._stub.DeletePreload(
+                pb.DeletePreloadRequest(name=name, allow_missing=allow_missing),
+                timeout=self._timeout,
+            )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None

@@ -308,3 +308,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--sort", choices=("downloads", "likes", "updated"))
     p.add_argument("--limit", type=int, default=20)
     p.set_defaults(func=cmd_search)
+
+    from rbee_client.cli.preload import add_commands as add_preload_commands
+
+    add_preload_commands(sub, common)  # rbee preload, rbee preloads ls|rm
