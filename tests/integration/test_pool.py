@@ -28,6 +28,7 @@ from services.worker.pool.settings import PoolSettings
 from tests.fixtures.gguf_models import LLAMA3_70B, write_header_only_gguf, write_tiny_llama_gguf
 from tests.fixtures.safetensors_models import sdxl_tensors, write_header_only_safetensors
 from tests.integration.catalog_harness import running_catalog
+from tests.integration.provisioner_harness import provisioner_settings, running_provisioner
 from tests.integration.server_harness import error_reason, serve_in_thread
 
 pytestmark = pytest.mark.integration
@@ -50,12 +51,16 @@ class Hive:
 @contextmanager
 def running_hive(home: Path) -> Iterator[Hive]:
     """A catalog and a pool (in this process) under `home`; the pool spawns real workers."""
-    with running_catalog(home) as catalog:
+    with (
+        running_catalog(home) as catalog,
+        running_provisioner(provisioner_settings(home, catalog.address)) as (prov_address, _, _),
+    ):
         settings = PoolSettings(
             home=home,
             listen="127.0.0.1:0",
             metrics_listen=None,
             catalog_address=catalog.address,
+            provisioner_address=prov_address,
             stop_grace=5.0,
         )
 
@@ -296,3 +301,15 @@ def test_stopping_the_pool_stops_its_workers(tmp_path: Path) -> None:
         _, worker = spawn(hive, model=model)
         assert alive(worker.pid)
     wait_until(lambda: not alive(worker.pid), 15)
+
+
+def test_spawn_with_preload_warms_the_model_first(hive: Hive, tmp_path: Path) -> None:
+    model = register(hive, write_tiny_llama_gguf(tmp_path / "tiny.gguf"), "warm")
+    events, worker = spawn(hive, model=model, preload=True)
+    stages = [pb.SpawnStage.Name(e.stage) for e in events]
+    assert "SPAWN_STAGE_PRELOADING" in stages
+    assert stages.index("SPAWN_STAGE_PRELOADING") < stages.index("SPAWN_STAGE_STARTING")
+    warmed = [e.preload.bytes for e in events if e.HasField("preload")]
+    assert warmed and warmed[-1].completed_bytes == warmed[-1].total_bytes > 0
+    assert worker.state == wpb.WORKER_STATE_READY
+    hive.pool.StopWorker(pb.StopWorkerRequest(name=worker.name), timeout=30)

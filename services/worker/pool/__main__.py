@@ -22,6 +22,7 @@ from services.common.server import (
 )
 from services.worker.pool.devices import detect_devices
 from services.worker.pool.metrics import PoolMetrics
+from services.worker.pool.provisioner_link import ProvisionerLink
 from services.worker.pool.service import PoolService
 from services.worker.pool.servicer import SERVICE_NAME, PoolServicer
 from services.worker.pool.settings import PoolSettings
@@ -35,11 +36,15 @@ async def start_pool(
     """Bind the server (NOT_SERVING) and return; the caller sets SERVING. Stopping the server
     stops every worker first (they would die with the pool anyway)."""
     catalog = GrpcCatalogLink(settings.catalog_address)
+    provisioner = (
+        ProvisionerLink(settings.provisioner_address) if settings.provisioner_address else None
+    )
     service = PoolService(
         catalog=catalog,
         config=settings.pool_config(),
         devices=detect_devices,
         metrics=PoolMetrics(registry),
+        provisioner=provisioner,
     )
     running = await start_server(
         [
@@ -62,6 +67,8 @@ async def start_pool(
         watch.cancel()
         await service.close()
         await catalog.close()
+        if provisioner is not None:
+            await provisioner.close()
 
     running.on_stop(close)
     return running, service

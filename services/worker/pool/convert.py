@@ -201,6 +201,9 @@ def spawn_event_to_pb(event: SpawnEvent) -> pb.SpawnWorkerResponse:
     )
     if event.compatibility is not None:
         progress.compatibility.CopyFrom(catalog_convert.compat_result_to_pb(event.compatibility))
+    if event.stage is SpawnStage.PRELOADING and event.preload_total:
+        progress.preload.bytes.completed_bytes = event.preload_done
+        progress.preload.bytes.total_bytes = event.preload_total
     if event.load_stage:
         progress.load.stage = LOAD_STAGE_TO_PB.get(event.load_stage, wpb.LOAD_STAGE_UNSPECIFIED)
         progress.load.message = event.message

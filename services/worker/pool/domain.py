@@ -116,6 +116,8 @@ class SpawnEvent(BaseModel):
     compatibility: CompatibilityResult | None = None
     load_stage: str = ""  # LOADING: the worker's own load stage
     load_fraction: float | None = None
+    preload_done: int = 0  # PRELOADING: bytes in the page cache
+    preload_total: int = 0
 
 
 class WorkerEventKind(enum.StrEnum):

@@ -55,7 +55,6 @@ from services.common.errors import (
     NotFound,
     RbeeError,
     ResourceExhausted,
-    Unimplemented,
 )
 from services.common.list_filter import parse_equality_filter
 from services.worker.pool.devices import CUDA_ORDER_ENVIRONMENT, HostDevice
@@ -71,6 +70,7 @@ from services.worker.pool.domain import (
 )
 from services.worker.pool.metrics import PoolMetrics
 from services.worker.pool.process import LaunchSpec, LogLine, WorkerProcess
+from services.worker.pool.provisioner_link import ProvisionerLink
 from services.worker.pool.worker_link import WorkerLink, load_request
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ class PoolConfig:
     catalog_address: str
     home: Path
     logs_dir: Path
+    provisioner_address: str = ""  # "" = no provisioner: spawns with preload are refused
     default_grace: float = 10.0
     default_queue: int = 8
     start_timeout_base: float = 60.0  # seconds, plus the model's size over the rate below
@@ -188,8 +189,10 @@ class PoolService:
         config: PoolConfig,
         devices: Callable[[], list[HostDevice]],
         metrics: PoolMetrics | None = None,
+        provisioner: ProvisionerLink | None = None,
     ) -> None:
         self._metrics = metrics
+        self._provisioner = provisioner
         self._catalog = catalog
         self._config = config
         self._detect = devices
@@ -287,9 +290,10 @@ class PoolService:
 
     async def spawn(self, request: SpawnRequest) -> AsyncIterator[SpawnEvent | PoolWorker]:
         """Validate now (errors before the stream), then stream the stages."""
-        if request.preload:
-            raise Unimplemented(
-                "preload is not available in this version of the pool; spawn without it"
+        if request.preload and self._provisioner is None:
+            raise FailedPrecondition(
+                "preload needs the provisioner: set RBEE_POOL_PROVISIONER_ADDRESS",
+                reason="DEPENDENCY_UNAVAILABLE",
             )
         if request.worker_id and not ID_PATTERN.fullmatch(request.worker_id):
             raise InvalidArgument.for_field(
@@ -341,6 +345,9 @@ class PoolService:
         )
         began = time.monotonic()
         try:
+            if request.preload:
+                async for event in self._preload(record):
+                    yield event
             async for event in self._start_and_load(managed, device):
                 yield event
         except BaseException as exc:
@@ -577,6 +584,24 @@ class PoolService:
             SpawnStage.READY,
             f"{record.name} is ready on {record.endpoint}",
         )
+
+    async def _preload(self, record: PoolWorker) -> AsyncIterator[SpawnEvent]:
+        """PRELOADING: the provisioner warms the model's files into the page cache."""
+        assert self._provisioner is not None
+        yield spawn_event(record, SpawnStage.PRELOADING, f"preloading {record.model}")
+        limit = self._config.start_timeout_base + record.model_size_bytes / 50e6
+        last = 0.0
+        async for done, total in self._provisioner.preload(record.model, limit_s=limit):
+            now = time.monotonic()
+            if now - last >= 0.25 or (total and done >= total):
+                last = now
+                yield spawn_event(
+                    record,
+                    SpawnStage.PRELOADING,
+                    f"{done / 2**20:.0f} of {total / 2**20:.0f} MiB in the page cache",
+                    preload_done=done,
+                    preload_total=total,
+                )
 
     async def _discard_process(self, managed: _Managed, message: str) -> None:
         managed.stopping = True

@@ -30,6 +30,10 @@ class PoolSettings(ServiceSettings):
     listen: str = "127.0.0.1:50091"
     metrics_listen: str | None = "127.0.0.1:9491"
     catalog_address: str = "127.0.0.1:50061"
+    provisioner_address: str = Field(
+        default="127.0.0.1:50081",
+        description="The provisioner, for preloading before a spawn; empty: none.",
+    )
     worker_command: list[str] = Field(default_factory=default_worker_command)
     stop_grace: float = Field(default=10.0, ge=0, description="StopWorker's default drain.")
     queue_size: int = Field(default=8, ge=0, le=10_000)
@@ -41,6 +45,7 @@ class PoolSettings(ServiceSettings):
         return PoolConfig(
             worker_command=list(self.worker_command),
             catalog_address=self.catalog_address,
+            provisioner_address=self.provisioner_address,
             home=self.home,
             logs_dir=self.home / "pool" / "logs",
             default_grace=self.stop_grace,

@@ -68,6 +68,7 @@ def environment(services: list[Service], home: Path) -> dict[str, str]:
         env[f"{prefix}_ADDR"] = s.address  # what the CLI reads
     env["RBEE_PROVISIONER_CATALOG_ADDRESS"] = by_name["catalog"].address
     env["RBEE_POOL_CATALOG_ADDRESS"] = by_name["catalog"].address
+    env["RBEE_POOL_PROVISIONER_ADDRESS"] = by_name["provisioner"].address
     return env
 
 

@@ -81,6 +81,7 @@ def cmd_spawn(args: argparse.Namespace) -> int:
         force=args.force,
         validate_only=args.dry_run,
         reuse=args.reuse,
+        preload=args.preload,
         queue_capacity=args.queue or 0,
     )
     if args.ctx or args.gpu_layers is not None or args.threads:
@@ -224,6 +225,9 @@ def add_commands(workers: Any, sub: Any, common: argparse.ArgumentParser) -> Non
     p.add_argument("--max-restarts", type=int, default=5)
     p.add_argument("--force", action="store_true", help="spawn even when it does not fit")
     p.add_argument("--reuse", action="store_true", help="reuse a READY worker of the model")
+    p.add_argument(
+        "--preload", action="store_true", help="warm the model into the page cache first"
+    )
     p.add_argument("--dry-run", action="store_true", help="validate only")
     p.add_argument("--spawn-timeout", type=float, default=600.0, help="seconds for the spawn")
     p.set_defaults(func=cmd_spawn)

@@ -1,0 +1,46 @@
+"""The pool's calls to the provisioner: page-cache preloading before a worker starts."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from rbee.provisioner.v1 import provisioner_pb2 as pb
+from rbee.provisioner.v1 import provisioner_pb2_grpc
+from rbee_client.errors import error_from_rpc
+from services.common.errors import RbeeError, Unavailable, error_for_status
+
+
+class ProvisionerLink:
+    """One aio channel to the provisioner for the pool's life."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel = grpc.aio.insecure_channel(address)
+        self._stub = provisioner_pb2_grpc.ProvisionerServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def preload(self, model: str, *, limit_s: float) -> AsyncIterator[tuple[int, int]]:
+        """(bytes warmed, total bytes) while the provisioner reads the model's files into the
+        page cache; ends when the model is resident."""
+        try:
+            async for msg in self._stub.Preload(pb.PreloadRequest(model=model), timeout=limit_s):
+                if msg.HasField("progress"):
+                    progress = msg.progress.bytes
+                    yield progress.completed_bytes, progress.total_bytes
+                else:
+                    yield msg.preload.resident_bytes, msg.preload.total_bytes
+        except grpc.aio.AioRpcError as exc:
+            raise _provisioner_error(exc) from None
+
+
+def _provisioner_error(exc: grpc.aio.AioRpcError) -> RbeeError:
+    err = error_from_rpc(exc)
+    if err.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN"):
+        return Unavailable(
+            f"the provisioner cannot preload: {err.message}", reason="DEPENDENCY_UNAVAILABLE"
+        )
+    return error_for_status(err.code, f"preload: {err.message}", reason=err.reason or None)
