@@ -397,6 +397,23 @@ def install_from_pb(msg: pb.CreateInstallRequest) -> Install:
     )
 
 
+def install_from_msg(msg: pb.Install) -> Install:
+    """An Install as the catalog returned it (the reverse of install_to_pb)."""
+    return Install(
+        id=msg.name.removeprefix("installs/"),
+        worker_type=msg.worker_type.removeprefix("worker-types/"),
+        version=msg.version,
+        path=msg.path,
+        backend_version=msg.backend_version,
+        python_version=msg.python_version,
+        platform=msg.platform,
+        cpu_architecture=msg.cpu_architecture,
+        labels=dict(msg.labels),
+        created_at=timestamp_from_pb(msg.create_time),
+        updated_at=timestamp_from_pb(msg.update_time),
+    )
+
+
 def _slug(text: str) -> str:
     from services.catalog.ids import slugify
 

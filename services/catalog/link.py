@@ -25,6 +25,7 @@ from services.catalog import convert
 from services.catalog.domain import (
     CompatibilityResult,
     Device,
+    Install,
     Model,
     ModelMetadata,
     ModelSource,
@@ -69,6 +70,10 @@ class CatalogLink(abc.ABC):
         sha256: str | None = None,
         source: ModelSource | None = None,
     ) -> Model: ...
+
+    @abc.abstractmethod
+    async def create_install(self, install: Install) -> Install:
+        """Register an installed worker backend; AlreadyExists when its id is taken."""
 
     @abc.abstractmethod
     async def evaluate(
@@ -185,6 +190,16 @@ class GrpcCatalogLink(CatalogLink):
         except grpc.aio.AioRpcError as exc:
             raise _as_rbee_error(error_from_rpc(exc), "update") from None
         return convert.model_from_pb(msg)
+
+    async def create_install(self, install: Install) -> Install:
+        request = pb.CreateInstallRequest(
+            install_id=install.id, install=convert.install_to_pb(install)
+        )
+        try:
+            msg = await self._stub.CreateInstall(request, timeout=self._deadline)
+        except grpc.aio.AioRpcError as exc:
+            raise _as_rbee_error(error_from_rpc(exc), "create install") from None
+        return convert.install_from_msg(msg)
 
     async def evaluate(
         self, metadata: ModelMetadata, device: Device | None, context_length: int

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry
 
 from rbee.provisioner.v1 import provisioner_pb2_grpc
-from services.catalog.link import GrpcCatalogLink
+from services.catalog.link import CatalogLink, GrpcCatalogLink
+from services.common.errors import AlreadyExists, RbeeError
 from services.common.logs import configure_logging, log_settings
 from services.common.server import (
     RunningServer,
@@ -24,6 +25,9 @@ from services.provisioner.metrics import ProvisionerMetrics
 from services.provisioner.preload import PreloadManager, PreloadMetrics
 from services.provisioner.pull_store import PullStore
 from services.provisioner.pulls import PullManager
+from services.provisioner.recipes.build import RecipeBuilder
+from services.provisioner.recipes.installs import InstallManager, system_installs
+from services.provisioner.recipes.pkgbuild import RecipeBook
 from services.provisioner.service import ProvisionerService
 from services.provisioner.servicer import ProvisionerServicer
 from services.provisioner.settings import ProvisionerSettings
@@ -55,8 +59,42 @@ def build_service(
         resume_on_start=settings.resume_on_start,
         metrics=ProvisionerMetrics(registry),
     )
-    service = ProvisionerService(pulls=pulls, catalog=catalog, context=context, preloads=preloads)
+    recipes = RecipeBook(settings.recipe_directories())
+    secrets = [t.get_secret_value() for t in (settings.hf_token, settings.civitai_token) if t]
+    installs = InstallManager(
+        recipes=recipes,
+        home=settings.home,
+        builder=RecipeBuilder(secrets_to_redact=secrets),
+        register=catalog.create_install,
+    )
+    service = ProvisionerService(
+        pulls=pulls,
+        catalog=catalog,
+        context=context,
+        preloads=preloads,
+        installs=installs,
+        recipes=recipes,
+    )
     return service, catalog
+
+
+async def register_system_installs(catalog: CatalogLink) -> None:
+    """The environment the provisioner runs in counts as an install of every worker type whose
+    backend imports here (a user who pip-installed the extras needs no build). Probed in a child
+    process (it imports torch), after SERVING, and registered in the catalog once."""
+    try:
+        found = await asyncio.to_thread(system_installs)
+    except Exception:  # a probe that fails must not take the provisioner down
+        logger.exception("probing the system installs failed")
+        return
+    for install in found:
+        try:
+            await catalog.create_install(install)
+            logger.info("registered %s (%s)", install.name, install.backend_version)
+        except AlreadyExists:
+            pass
+        except RbeeError as exc:
+            logger.warning("could not register %s: %s", install.name, exc.message)
 
 
 async def start_provisioner(
@@ -89,10 +127,19 @@ async def start_provisioner(
     async def close() -> None:
         stop_watch.cancel()
         await service.pulls.close()
+        await service.installs.close()
+        if probe is not None:
+            probe.cancel()
         await catalog.close()
 
     running.on_stop(close)
     await service.pulls.start()
+    await service.installs.start()
+    probe = (
+        asyncio.create_task(register_system_installs(catalog), name="system-installs")
+        if settings.register_system_installs
+        else None
+    )
     return running, service
 
 

@@ -11,7 +11,7 @@ from rbee.catalog.v1 import catalog_pb2
 from rbee.common.v1 import errors_pb2, progress_pb2
 from rbee.provisioner.v1 import provisioner_pb2 as pb
 from services.catalog import convert as catalog_convert
-from services.catalog.domain import Model, ModelFormat, SourceKind
+from services.catalog.domain import Install, Model, ModelFormat, SourceKind
 from services.common.enum_mapping import enum_from_pb, inverse
 from services.common.errors import InvalidArgument
 from services.provisioner.domain import (
@@ -29,6 +29,14 @@ from services.provisioner.domain import (
 )
 from services.provisioner.preload import PreloadEvent, PreloadPage, PreloadRecord
 from services.provisioner.pulls import display_source
+from services.provisioner.recipes.build import LogLine, LogStream
+from services.provisioner.recipes.installs import (
+    InstallEvent,
+    InstallJobRecord,
+    InstallJobState,
+    InstallOptions,
+)
+from services.provisioner.recipes.pkgbuild import Recipe
 
 PULL_STATE_TO_PB = {
     PullState.QUEUED: pb.PULL_STATE_QUEUED,
@@ -316,4 +324,115 @@ def preload_page_to_pb(page: PreloadPage) -> pb.ListPreloadsResponse:
         budget_bytes=page.budget_bytes,
         resident_bytes=page.resident_bytes,
         evictions=page.evictions,
+    )
+
+
+# --- installs ---------------------------------------------------------------------------------
+
+INSTALL_STATE_TO_PB = {
+    InstallJobState.QUEUED: pb.INSTALL_JOB_STATE_QUEUED,
+    InstallJobState.FETCHING: pb.INSTALL_JOB_STATE_FETCHING,
+    InstallJobState.PREPARING: pb.INSTALL_JOB_STATE_PREPARING,
+    InstallJobState.BUILDING: pb.INSTALL_JOB_STATE_BUILDING,
+    InstallJobState.CHECKING: pb.INSTALL_JOB_STATE_CHECKING,
+    InstallJobState.PACKAGING: pb.INSTALL_JOB_STATE_PACKAGING,
+    InstallJobState.REGISTERING: pb.INSTALL_JOB_STATE_REGISTERING,
+    InstallJobState.SUCCEEDED: pb.INSTALL_JOB_STATE_SUCCEEDED,
+    InstallJobState.FAILED: pb.INSTALL_JOB_STATE_FAILED,
+    InstallJobState.CANCELLED: pb.INSTALL_JOB_STATE_CANCELLED,
+}
+LOG_STREAM_TO_PB = {
+    LogStream.STDOUT: progress_pb2.LOG_STREAM_STDOUT,
+    LogStream.STDERR: progress_pb2.LOG_STREAM_STDERR,
+}
+
+
+def install_options_from_pb(msg: pb.InstallOptions) -> InstallOptions:
+    return InstallOptions(
+        force=msg.force,
+        validate_only=msg.validate_only,
+        recipe=msg.recipe,
+        install_id=msg.install_id,
+        skip_check=msg.skip_check,
+        build_env=dict(msg.build_env),
+    )
+
+
+def install_options_to_pb(options: InstallOptions) -> pb.InstallOptions:
+    return pb.InstallOptions(
+        force=options.force,
+        validate_only=options.validate_only,
+        recipe=options.recipe,
+        install_id=options.install_id,
+        skip_check=options.skip_check,
+        build_env=options.build_env,
+    )
+
+
+def log_line_to_pb(line: LogLine) -> progress_pb2.LogLine:
+    return progress_pb2.LogLine(
+        time=catalog_convert.timestamp_to_pb(line.time),
+        stream=LOG_STREAM_TO_PB[line.stream],
+        text=line.text,
+    )
+
+
+def install_event_to_pb(event: InstallEvent) -> pb.InstallWorkerResponse:
+    progress = pb.InstallProgress(
+        install_job=event.install_job,
+        state=INSTALL_STATE_TO_PB[event.state],
+        log_lines=[log_line_to_pb(line) for line in event.log_lines],
+        message=event.message,
+    )
+    if event.fetch_done or event.fetch_total:
+        progress.fetch_bytes.CopyFrom(_bytes(event.fetch_done, event.fetch_total))
+    return pb.InstallWorkerResponse(progress=progress)
+
+
+def install_result_to_pb(install: Install) -> pb.InstallWorkerResponse:
+    return pb.InstallWorkerResponse(install=catalog_convert.install_to_pb(install))
+
+
+def install_job_to_pb(record: InstallJobRecord) -> pb.InstallJob:
+    msg = pb.InstallJob(
+        name=record.name,
+        worker_type=f"worker-types/{record.worker_type}",
+        recipe=record.recipe,
+        options=install_options_to_pb(record.options),
+        state=INSTALL_STATE_TO_PB[record.state],
+        state_message=record.state_message,
+        log_tail=[log_line_to_pb(line) for line in record.log_tail],
+        install=record.install,
+        watcher_count=record.watcher_count,
+        create_time=catalog_convert.timestamp_to_pb(record.created_at),
+        update_time=catalog_convert.timestamp_to_pb(record.updated_at),
+    )
+    if record.error is not None:
+        msg.error.CopyFrom(
+            errors_pb2.ErrorStatus(
+                code=_rpc_code(record.error.code),
+                reason=record.error.reason,
+                message=record.error.message,
+                metadata=record.error.metadata,
+            )
+        )
+    if record.ended_at is not None:
+        msg.end_time.CopyFrom(catalog_convert.timestamp_to_pb(record.ended_at))
+    return msg
+
+
+def recipe_to_pb(recipe: Recipe) -> pb.Recipe:
+    pkg = recipe.pkgbuild
+    return pb.Recipe(
+        name=recipe.name,
+        worker_type=f"worker-types/{recipe.worker_type}",
+        pkgname=pkg.pkgname,
+        pkgver=pkg.pkgver,
+        pkgrel=pkg.pkgrel,
+        arch=pkg.arch,
+        depends=pkg.depends,
+        makedepends=pkg.makedepends,
+        sources=[pb.RecipeSource(url=s.url, sha256=s.sha256) for s in recipe.sources],
+        path=recipe.path,
+        supported_on_host=recipe.supported_on_host,
     )

@@ -7,6 +7,7 @@ The servicer converts and calls this; nothing here imports grpc or *_pb2.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -21,10 +22,19 @@ from services.catalog.domain import (
 )
 from services.catalog.ids import model_id_for_source
 from services.catalog.link import CatalogLink
+from services.catalog.pagination import (
+    PageTokenCodec,
+    filter_fingerprint,
+    new_secret,
+    normalize_page_size,
+)
 from services.common.errors import AlreadyExists
+from services.common.list_filter import parse_equality_filter
 from services.provisioner.domain import PullOptions, PullRecord, Resolution, SearchPage, SearchQuery
 from services.provisioner.preload import PreloadManager
 from services.provisioner.pulls import PullItem, PullManager
+from services.provisioner.recipes.installs import InstallManager
+from services.provisioner.recipes.pkgbuild import Recipe, RecipeBook
 from services.provisioner.remote_inspect import inspect_remote
 from services.provisioner.search import search
 from services.provisioner.sources import SourceContext, parse_source, resolve
@@ -72,11 +82,16 @@ class ProvisionerService:
         catalog: CatalogLink,
         context: SourceContext,
         preloads: PreloadManager,
+        installs: InstallManager,
+        recipes: RecipeBook,
     ) -> None:
         self.pulls = pulls
         self.preloads = preloads
+        self.installs = installs
+        self.recipes = recipes
         self._catalog = catalog
         self._ctx = context
+        self._tokens = PageTokenCodec(new_secret())
 
     async def pull(
         self, source: str, options: PullOptions, pull_id: str
@@ -118,6 +133,37 @@ class ProvisionerService:
             results = await self._catalog.evaluate(inspection.metadata, device, context_length)
             verdicts.append(DeviceVerdicts(device, results))
         return RemoteReport(resolved, inspection.metadata, verdicts, inspection.bytes_read)
+
+    async def list_recipes(
+        self, *, filter_text: str, page_size: int, page_token: str
+    ) -> tuple[list[Recipe], str, int]:
+        """ListRecipes: by name; filter `worker_type=`, `supported_on_host=true|false`. A recipe
+        that cannot be read is left out of the list (GetRecipe reports why)."""
+        terms = parse_equality_filter(
+            filter_text,
+            fields=("worker_type", "supported_on_host"),
+            enums={"supported_on_host": ({"true", "false"}, "")},
+            example="worker_type=cpu-llm AND supported_on_host=true",
+        )
+        found = await asyncio.to_thread(lambda: list(self.recipes.list()))
+        recipes = sorted((r for r in found if isinstance(r, Recipe)), key=lambda r: r.id)
+        if "worker_type" in terms:
+            wanted = terms["worker_type"].removeprefix("worker-types/")
+            recipes = [r for r in recipes if r.worker_type == wanted]
+        if "supported_on_host" in terms:
+            flag = terms["supported_on_host"] == "true"
+            recipes = [r for r in recipes if r.supported_on_host is flag]
+        size = normalize_page_size(page_size)
+        fingerprint = filter_fingerprint("recipes", json.dumps(sorted(terms.items())), "name")
+        after = self._tokens.decode(page_token, fingerprint)
+        rest = [r for r in recipes if after is None or r.id > after]
+        page = rest[:size]
+        token = self._tokens.encode(page[-1].id, fingerprint) if len(rest) > size else ""
+        return page, token, len(recipes)
+
+    async def get_recipe(self, name: str) -> Recipe:
+        recipe_id = name.removeprefix("recipes/")
+        return await asyncio.to_thread(self.recipes.get, recipe_id)
 
     async def search(self, query: SearchQuery) -> SearchPage:
         return await asyncio.to_thread(search, query, self._ctx)

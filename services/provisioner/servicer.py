@@ -16,19 +16,25 @@ from google.protobuf.empty_pb2 import Empty
 from rbee.provisioner.v1 import provisioner_pb2 as pb
 from rbee.provisioner.v1 import provisioner_pb2_grpc
 from services.catalog import convert as catalog_convert
-from services.catalog.domain import Model
-from services.common.errors import InvalidArgument, Unimplemented
+from services.catalog.domain import Install, Model
+from services.common.errors import InvalidArgument
 from services.provisioner import convert
 from services.provisioner.preload import PreloadRecord
 from services.provisioner.pulls import PullItem
+from services.provisioner.recipes.installs import InstallEvent
 from services.provisioner.service import ProvisionerService
 
 Context = Any  # grpc.aio.ServicerContext; the domain never sees it
 
-_NOT_YET = (
-    "{rpc} is not implemented by this provisioner version; worker backends and page-cache "
-    "preloading are not available here yet"
-)
+async def _relay_install(
+    stream: AsyncIterator[InstallEvent | Install],
+) -> AsyncIterator[pb.InstallWorkerResponse]:
+    async with contextlib.aclosing(stream):  # type: ignore[type-var]
+        async for item in stream:
+            if isinstance(item, InstallEvent):
+                yield convert.install_event_to_pb(item)
+            else:
+                yield convert.install_result_to_pb(item)
 
 
 async def _relay(stream: AsyncIterator[PullItem]) -> AsyncIterator[pb.PullModelResponse]:
@@ -154,30 +160,59 @@ class ProvisionerServicer(provisioner_pb2_grpc.ProvisionerServiceServicer):
         page = await self._service.search(convert.search_query_from_pb(request))
         return convert.search_page_to_pb(page)
 
-    # --- worker backends and preloading: not in this version ----------------------------------
+    # --- worker backends from recipes -----------------------------------------------------------
 
-    async def InstallWorker(self, request: Any, context: Context) -> AsyncIterator[Any]:
-        raise Unimplemented(_NOT_YET.format(rpc="InstallWorker"))
-        yield  # pragma: no cover  (makes this a stream handler)
+    async def InstallWorker(
+        self, request: pb.InstallWorkerRequest, context: Context
+    ) -> AsyncIterator[pb.InstallWorkerResponse]:
+        stream = await self._service.installs.install(
+            request.worker_type, convert.install_options_from_pb(request.options)
+        )
+        async for msg in _relay_install(stream):
+            yield msg
 
-    async def GetInstallJob(self, request: Any, context: Context) -> Any:
-        raise Unimplemented(_NOT_YET.format(rpc="GetInstallJob"))
+    async def GetInstallJob(
+        self, request: pb.GetInstallJobRequest, context: Context
+    ) -> pb.InstallJob:
+        return convert.install_job_to_pb(self._service.installs.get(request.name))
 
-    async def ListInstallJobs(self, request: Any, context: Context) -> Any:
-        raise Unimplemented(_NOT_YET.format(rpc="ListInstallJobs"))
+    async def ListInstallJobs(
+        self, request: pb.ListInstallJobsRequest, context: Context
+    ) -> pb.ListInstallJobsResponse:
+        records, token, total = self._service.installs.list(
+            filter_text=request.filter, page_size=request.page_size, page_token=request.page_token
+        )
+        return pb.ListInstallJobsResponse(
+            install_jobs=[convert.install_job_to_pb(r) for r in records],
+            next_page_token=token,
+            total_size=total,
+        )
 
-    async def WatchInstallJob(self, request: Any, context: Context) -> AsyncIterator[Any]:
-        raise Unimplemented(_NOT_YET.format(rpc="WatchInstallJob"))
-        yield  # pragma: no cover
+    async def WatchInstallJob(
+        self, request: pb.WatchInstallJobRequest, context: Context
+    ) -> AsyncIterator[pb.InstallWorkerResponse]:
+        async for msg in _relay_install(await self._service.installs.watch(request.name)):
+            yield msg
 
-    async def CancelInstallJob(self, request: Any, context: Context) -> Any:
-        raise Unimplemented(_NOT_YET.format(rpc="CancelInstallJob"))
+    async def CancelInstallJob(
+        self, request: pb.CancelInstallJobRequest, context: Context
+    ) -> pb.InstallJob:
+        return convert.install_job_to_pb(await self._service.installs.cancel(request.name))
 
-    async def GetRecipe(self, request: Any, context: Context) -> Any:
-        raise Unimplemented(_NOT_YET.format(rpc="GetRecipe"))
+    async def GetRecipe(self, request: pb.GetRecipeRequest, context: Context) -> pb.Recipe:
+        return convert.recipe_to_pb(await self._service.get_recipe(request.name))
 
-    async def ListRecipes(self, request: Any, context: Context) -> Any:
-        raise Unimplemented(_NOT_YET.format(rpc="ListRecipes"))
+    async def ListRecipes(
+        self, request: pb.ListRecipesRequest, context: Context
+    ) -> pb.ListRecipesResponse:
+        recipes, token, total = await self._service.list_recipes(
+            filter_text=request.filter, page_size=request.page_size, page_token=request.page_token
+        )
+        return pb.ListRecipesResponse(
+            recipes=[convert.recipe_to_pb(r) for r in recipes],
+            next_page_token=token,
+            total_size=total,
+        )
 
     async def Preload(
         self, request: pb.PreloadRequest, context: Context

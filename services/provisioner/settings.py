@@ -16,6 +16,7 @@ from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import SHARED_ENV_VARS, ServiceSettings
 from services.provisioner.domain import Credentials
+from services.provisioner.recipes.pkgbuild import default_recipe_directories
 from services.provisioner.sources.context import DEFAULT_QUANTIZATION_PREFERENCE, SourceContext
 from services.provisioner.transfer import TransferSettings
 
@@ -132,6 +133,18 @@ class ProvisionerSettings(ServiceSettings):
     @classmethod
     def _expand_cache(cls, value: Path) -> Path:
         return value.expanduser()
+
+    recipe_dirs: list[Path] = Field(
+        default_factory=list,
+        description="Where recipes are found; empty: the project's recipes/ and RBEE_HOME/recipes.",
+    )
+    register_system_installs: bool = Field(
+        default=True,
+        description="Register this environment's importable backends as 'system' installs.",
+    )
+
+    def recipe_directories(self) -> list[Path]:
+        return list(self.recipe_dirs) or default_recipe_directories(self.home)
 
     @property
     def models_dir(self) -> Path:

@@ -147,6 +147,22 @@ def test_rbee_pull_human_and_json(services: Services, hub: FakeHub, tmp_path: Pa
     assert listed.returncode == 0, listed.stderr
     assert len(json.loads(listed.stdout)["pulls"]) == 2
 
+    recipes = services.rbee("recipes", "ls", "--format", "json")
+    assert recipes.returncode == 0, recipes.stderr
+    found = {r["name"]: r for r in json.loads(recipes.stdout)["recipes"]}
+    assert {"recipes/cpu-llm", "recipes/cuda-sd", "recipes/metal-llm"} <= set(found)
+
+    # This environment runs llama_cpp: registered as the "system" install of cpu-llm.
+    deadline = time.monotonic() + 60
+    installs: list[str] = []
+    while time.monotonic() < deadline and "installs/system-cpu-llm" not in installs:
+        with grpc.insecure_channel(services.catalog_address) as channel:
+            stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+            listed = stub.ListInstalls(cpb.ListInstallsRequest(), timeout=10)
+        installs = [i.name for i in listed.installs]
+        time.sleep(0.5)
+    assert "installs/system-cpu-llm" in installs
+
     bad = services.rbee("pull", "hf:../../etc", "--format", "json")
     assert bad.returncode == 1
     assert json.loads(bad.stdout)["error"]["reason"] == "INVALID_SOURCE"

@@ -55,6 +55,8 @@ def provisioner_settings(home: Path, catalog_address: str, **overrides: Any) -> 
         "stall_timeout": 2.0,
         "upstream_timeout": 5.0,
         "resume_on_start": False,
+        # The probe imports torch in a child (seconds of CPU); tests that want it say so.
+        "register_system_installs": False,
     }
     values.update(overrides)
     return ProvisionerSettings(**values)

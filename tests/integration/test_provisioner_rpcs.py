@@ -189,11 +189,56 @@ def test_restart_leaves_the_pull_paused_and_resume_finishes_it(
         assert time.monotonic() - started < 30
 
 
-def test_not_yet_implemented_rpcs_say_so(mesh: Mesh) -> None:
-    with pytest.raises(grpc.RpcError) as info:
-        mesh.provisioner.ListRecipes(pb.ListRecipesRequest(), timeout=10)
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "ListRecipes" in (info.value.details() or "")
-    with pytest.raises(grpc.RpcError) as info:
-        list(mesh.provisioner.InstallWorker(pb.InstallWorkerRequest(), timeout=10))
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+def test_recipes_and_an_install_over_grpc(
+    tmp_path: Path, hub: FakeHub, civitai: FakeCivitai
+) -> None:
+    from tests.fixtures.recipe_repos import make_git_repo, write_hello_recipe
+
+    recipes = tmp_path / "recipes"
+    write_hello_recipe(recipes, make_git_repo(tmp_path / "hello-repo"), name="cpu-llm")
+    project_recipes = Path(__file__).resolve().parents[2] / "recipes"
+    with running_mesh(
+        tmp_path / "home",
+        hf_endpoint=hub.endpoint,
+        civitai_endpoint=civitai.endpoint,
+        recipe_dirs=[recipes, project_recipes],
+    ) as mesh:
+        listed = mesh.provisioner.ListRecipes(pb.ListRecipesRequest(), timeout=30)
+        names = [r.name for r in listed.recipes]
+        assert names == sorted(names) and "recipes/metal-sd" in names
+        by_name = {r.name: r for r in listed.recipes}
+        assert by_name["recipes/metal-llm"].supported_on_host is False
+        assert by_name["recipes/cpu-llm"].pkgname == "rbee-hello"  # the first directory wins
+        only = mesh.provisioner.ListRecipes(
+            pb.ListRecipesRequest(filter="supported_on_host=false"), timeout=30
+        )
+        assert all(not r.supported_on_host for r in only.recipes)
+        recipe = mesh.provisioner.GetRecipe(pb.GetRecipeRequest(name="recipes/cpu-llm"), timeout=30)
+        assert any("git+file://" in s.url and s.sha256 == "SKIP" for s in recipe.sources)
+        with pytest.raises(grpc.RpcError) as info:
+            mesh.provisioner.GetRecipe(pb.GetRecipeRequest(name="recipes/../../etc"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+        states: list[int] = []
+        install = None
+        for msg in mesh.provisioner.InstallWorker(
+            pb.InstallWorkerRequest(worker_type="worker-types/cpu-llm"), timeout=120
+        ):
+            if msg.HasField("install"):
+                install = msg.install
+            else:
+                states.append(msg.progress.state)
+        assert install is not None and install.worker_type == "worker-types/cpu-llm"
+        assert (
+            pb.INSTALL_JOB_STATE_BUILDING in states and pb.INSTALL_JOB_STATE_REGISTERING in states
+        )
+        assert Path(install.path).is_dir()
+        installs = mesh.catalog.ListInstalls(cpb.ListInstallsRequest(), timeout=10).installs
+        assert [i.name for i in installs] == [install.name]
+        (job,) = mesh.provisioner.ListInstallJobs(
+            pb.ListInstallJobsRequest(), timeout=10
+        ).install_jobs
+        assert job.state == pb.INSTALL_JOB_STATE_SUCCEEDED and job.install == install.name
+        assert mesh.provisioner.GetInstallJob(
+            pb.GetInstallJobRequest(name=job.name), timeout=10
+        ).log_tail

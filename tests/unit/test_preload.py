@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from services.catalog.domain import (
     CompatibilityResult,
     Device,
+    Install,
     Model,
     ModelMetadata,
     ModelSource,
@@ -96,6 +97,9 @@ class MemoryCatalog(CatalogLink):
         self, metadata: ModelMetadata, device: Device | None, context_length: int
     ) -> list[CompatibilityResult]:
         raise AssertionError("preloading never evaluates")
+
+    async def create_install(self, install: Install) -> Install:
+        raise AssertionError("preloading never registers installs")
 
 
 def write_file(path: Path, size: int) -> Path:

@@ -117,6 +117,11 @@ class ProvisionerClient:
     def close(self) -> None:
         self._channel.close()
 
+    @property
+    def stub(self) -> provisioner_pb2_grpc.ProvisionerServiceStub:
+        """The raw stub, for calls this client does not wrap yet."""
+        return self._stub
+
     def __enter__(self) -> ProvisionerClient:
         return self
 

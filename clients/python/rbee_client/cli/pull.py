@@ -312,3 +312,6 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     from rbee_client.cli.preload import add_commands as add_preload_commands
 
     add_preload_commands(sub, common)  # rbee preload, rbee preloads ls|rm
+    from rbee_client.cli.install import add_commands as add_install_commands
+
+    add_install_commands(sub, common, add_provisioner_argument)

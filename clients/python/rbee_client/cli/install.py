@@ -1,0 +1,100 @@
+"""`rbee install TYPE` and `rbee recipes ls`: worker backends built from recipes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from rbee.provisioner.v1 import provisioner_pb2 as pb
+from rbee_client.cli.output import print_json, print_table
+from rbee_client.errors import error_from_rpc
+
+_STATES: dict[int, str] = {
+    int(v): n.removeprefix("INSTALL_JOB_STATE_").lower() for n, v in pb.InstallJobState.items()
+}
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from rbee_client.provisioner import ProvisionerClient
+
+    return ProvisionerClient(args.provisioner, timeout=args.timeout)
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    worker_type = args.worker_type
+    if not worker_type.startswith("worker-types/"):
+        worker_type = f"worker-types/{worker_type}"
+    request = pb.InstallWorkerRequest(
+        worker_type=worker_type,
+        options=pb.InstallOptions(
+            force=args.force, validate_only=args.dry_run, recipe=args.recipe or ""
+        ),
+    )
+    with _client(args) as client:
+        try:
+            for msg in client.stub.InstallWorker(request, timeout=args.build_timeout):
+                if args.format == "json":
+                    print(json_format.MessageToJson(msg, indent=None), flush=True)
+                elif msg.HasField("install"):
+                    print(f"installed {msg.install.name} at {msg.install.path}")
+                else:
+                    p = msg.progress
+                    if p.message:
+                        print(f"{_STATES.get(p.state, '?')}: {p.message}", file=sys.stderr)
+                    if args.verbose:
+                        for line in p.log_lines:
+                            print(f"  {line.text}", file=sys.stderr)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+    return 0
+
+
+def cmd_recipes_ls(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        try:
+            response = client.stub.ListRecipes(
+                pb.ListRecipesRequest(filter=args.filter, page_size=1000), timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+    if args.format == "json":
+        print_json({"recipes": [json_format.MessageToDict(r) for r in response.recipes]})
+        return 0
+    print_table(
+        ("RECIPE", "WORKER TYPE", "PACKAGE", "VERSION", "ARCH", "THIS HOST"),
+        [
+            (
+                r.name.removeprefix("recipes/"),
+                r.worker_type.removeprefix("worker-types/"),
+                r.pkgname,
+                f"{r.pkgver}-{r.pkgrel}",
+                ",".join(r.arch),
+                "yes" if r.supported_on_host else "no",
+            )
+            for r in response.recipes
+        ],
+    )
+    return 0
+
+
+def add_commands(sub: Any, common: argparse.ArgumentParser, provisioner_arg: Any) -> None:
+    p = sub.add_parser("install", parents=[common], help="build a worker backend from its recipe")
+    provisioner_arg(p)
+    p.add_argument("worker_type", help="cpu-llm, cuda-llm, metal-llm, cpu-sd, cuda-sd, metal-sd")
+    p.add_argument("--recipe", help="recipes/ID (default: the worker type's recipe)")
+    p.add_argument("--force", action="store_true", help="build again even when installed")
+    p.add_argument("--dry-run", action="store_true", help="check the recipe and sources only")
+    p.add_argument("-v", "--verbose", action="store_true", help="print the build output")
+    p.add_argument("--build-timeout", type=float, default=3600.0)
+    p.set_defaults(func=cmd_install)
+    recipes = sub.add_parser("recipes", help="worker backend recipes").add_subparsers(
+        dest="recipes_cmd", required=True
+    )
+    p = recipes.add_parser("ls", parents=[common], help="the recipes and whether they build here")
+    provisioner_arg(p)
+    p.add_argument("--filter", default="", help="e.g. 'supported_on_host=true'")
+    p.set_defaults(func=cmd_recipes_ls)
