@@ -76,6 +76,10 @@ class CatalogLink(abc.ABC):
         """Register an installed worker backend; AlreadyExists when its id is taken."""
 
     @abc.abstractmethod
+    async def list_installs(self, worker_type: str) -> list[Install]:
+        """The installs of a worker type (its id, e.g. "cpu-llm")."""
+
+    @abc.abstractmethod
     async def evaluate(
         self, metadata: ModelMetadata, device: Device | None, context_length: int
     ) -> list[CompatibilityResult]: ...
@@ -200,6 +204,24 @@ class GrpcCatalogLink(CatalogLink):
         except grpc.aio.AioRpcError as exc:
             raise _as_rbee_error(error_from_rpc(exc), "create install") from None
         return convert.install_from_msg(msg)
+
+    async def list_installs(self, worker_type: str) -> list[Install]:
+        found: list[Install] = []
+        token = ""
+        try:
+            while True:
+                msg = await self._stub.ListInstalls(
+                    pb.ListInstallsRequest(
+                        filter=f"worker_type={worker_type}", page_size=1000, page_token=token
+                    ),
+                    timeout=self._deadline,
+                )
+                found.extend(convert.install_from_msg(i) for i in msg.installs)
+                token = msg.next_page_token
+                if not token:
+                    return found
+        except grpc.aio.AioRpcError as exc:
+            raise _as_rbee_error(error_from_rpc(exc), "list installs") from None
 
     async def evaluate(
         self, metadata: ModelMetadata, device: Device | None, context_length: int

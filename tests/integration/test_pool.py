@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -312,4 +313,34 @@ def test_spawn_with_preload_warms_the_model_first(hive: Hive, tmp_path: Path) ->
     warmed = [e.preload.bytes for e in events if e.HasField("preload")]
     assert warmed and warmed[-1].completed_bytes == warmed[-1].total_bytes > 0
     assert worker.state == wpb.WORKER_STATE_READY
+    hive.pool.StopWorker(pb.StopWorkerRequest(name=worker.name), timeout=30)
+
+
+def test_a_backend_built_from_a_recipe_is_what_the_worker_runs_from(
+    hive: Hive, tmp_path: Path
+) -> None:
+    # An install as `rbee install` leaves it: a directory with venv/bin/python. Here that
+    # interpreter is a wrapper around this environment's, which logs that it was used.
+    install_dir = tmp_path / "installs" / "cpu-llm-1"
+    python = install_dir / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    marker = tmp_path / "used"
+    python.write_text(f'#!/bin/sh\necho used > "{marker}"\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    hive.catalog.CreateInstall(
+        cpb.CreateInstallRequest(
+            install_id="cpu-llm-1",
+            install=cpb.Install(
+                worker_type="worker-types/cpu-llm", version="1-1", path=str(install_dir)
+            ),
+        ),
+        timeout=10,
+    )
+    model = register(hive, write_tiny_llama_gguf(tmp_path / "tiny.gguf"), "built")
+    events, worker = spawn(hive, model=model)
+    installing = [e.message for e in events if e.stage == pb.SPAWN_STAGE_INSTALLING]
+    assert installing == ["runs from installs/cpu-llm-1 (1-1)"]
+    assert worker.install == "installs/cpu-llm-1"
+    assert worker.state == wpb.WORKER_STATE_READY
+    assert marker.exists()
     hive.pool.StopWorker(pb.StopWorkerRequest(name=worker.name), timeout=30)

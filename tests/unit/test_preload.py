@@ -101,6 +101,9 @@ class MemoryCatalog(CatalogLink):
     async def create_install(self, install: Install) -> Install:
         raise AssertionError("preloading never registers installs")
 
+    async def list_installs(self, worker_type: str) -> list[Install]:
+        raise AssertionError("preloading never lists installs")
+
 
 def write_file(path: Path, size: int) -> Path:
     """Random bytes (no page sharing tricks), fsynced so DONTNEED can drop them (dirty pages

@@ -145,6 +145,7 @@ def worker_to_pb(record: PoolWorker, device: HostDevice | None = None) -> wpb.Wo
         pid=record.pid,
         restart_count=record.restart_count,
         queue_capacity=record.queue_capacity,
+        install=record.install,
         labels=record.labels,
         create_time=catalog_convert.timestamp_to_pb(record.created_at),
         update_time=catalog_convert.timestamp_to_pb(record.updated_at),

@@ -84,6 +84,8 @@ class PoolWorker(BaseModel):
     model: str  # models/{id}
     model_paths: list[str] = Field(default_factory=list)
     model_size_bytes: int = 0
+    install: str = ""  # installs/{id} it runs from; "" = the pool's own environment
+    install_python: str = ""  # that install's interpreter
     state: PoolWorkerState = PoolWorkerState.STARTING
     state_message: str = ""
     pid: int = 0

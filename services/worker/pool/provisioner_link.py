@@ -9,6 +9,8 @@ import grpc
 from rbee.provisioner.v1 import provisioner_pb2 as pb
 from rbee.provisioner.v1 import provisioner_pb2_grpc
 from rbee_client.errors import error_from_rpc
+from services.catalog import convert as catalog_convert
+from services.catalog.domain import Install
 from services.common.errors import RbeeError, Unavailable, error_for_status
 
 
@@ -23,6 +25,25 @@ class ProvisionerLink:
     async def close(self) -> None:
         await self._channel.close()
 
+    async def install(
+        self, worker_type: str, *, limit_s: float
+    ) -> AsyncIterator[InstallProgressNote | Install]:
+        """InstallWorker: notes while the recipe builds, then the registered Install."""
+        request = pb.InstallWorkerRequest(worker_type=f"worker-types/{worker_type}")
+        try:
+            async for msg in self._stub.InstallWorker(request, timeout=limit_s):
+                if msg.HasField("install"):
+                    yield catalog_convert.install_from_msg(msg.install)
+                else:
+                    state = pb.InstallJobState.Name(msg.progress.state)
+                    note = msg.progress.message
+                    if note:
+                        yield InstallProgressNote(
+                            state.removeprefix("INSTALL_JOB_STATE_").lower(), note
+                        )
+        except grpc.aio.AioRpcError as exc:
+            raise _provisioner_error(exc) from None
+
     async def preload(self, model: str, *, limit_s: float) -> AsyncIterator[tuple[int, int]]:
         """(bytes warmed, total bytes) while the provisioner reads the model's files into the
         page cache; ends when the model is resident."""
@@ -35,6 +56,14 @@ class ProvisionerLink:
                     yield msg.preload.resident_bytes, msg.preload.total_bytes
         except grpc.aio.AioRpcError as exc:
             raise _provisioner_error(exc) from None
+
+
+class InstallProgressNote:
+    """A line for the INSTALLING stage."""
+
+    def __init__(self, state: str, message: str) -> None:
+        self.state = state
+        self.message = message
 
 
 def _provisioner_error(exc: grpc.aio.AioRpcError) -> RbeeError:

@@ -70,7 +70,7 @@ from services.worker.pool.domain import (
 )
 from services.worker.pool.metrics import PoolMetrics
 from services.worker.pool.process import LaunchSpec, LogLine, WorkerProcess
-from services.worker.pool.provisioner_link import ProvisionerLink
+from services.worker.pool.provisioner_link import InstallProgressNote, ProvisionerLink
 from services.worker.pool.worker_link import WorkerLink, load_request
 
 logger = logging.getLogger(__name__)
@@ -329,22 +329,24 @@ class PoolService:
             if request.validate_only:
                 yield record
                 return
-            if not backend_installed(record.engine):
+            installed = await self._find_install(record)
+            if installed is None and (request.skip_install or self._provisioner is None):
                 raise FailedPrecondition(
-                    f"the {record.engine} backend is not installed in the pool's environment; "
-                    f"install the project's `{_extra(record.engine)}` extra",
+                    f"no {record.worker_type} backend is installed: `rbee install "
+                    f"{record.worker_type.removeprefix('worker-types/')}` builds one, or install "
+                    f"the project's `{_extra(record.engine)}` extra where the pool runs",
                     reason="WORKER_TYPE_NOT_INSTALLED",
                 )
             managed = _Managed(record=record)
             self._workers[record.id] = managed  # claims count from here on
         self._publish(WorkerEventKind.CREATED, record)
-        yield spawn_event(
-            record,
-            SpawnStage.INSTALLING,
-            f"the {record.engine} backend runs in the pool's environment (system install)",
-        )
         began = time.monotonic()
         try:
+            if installed is None:
+                async for event in self._install(record):
+                    yield event
+            else:
+                yield spawn_event(record, SpawnStage.INSTALLING, installed)
             if request.preload:
                 async for event in self._preload(record):
                     yield event
@@ -504,8 +506,13 @@ class PoolService:
         record = managed.record
         port = free_port()
         record.endpoint = f"127.0.0.1:{port}"
+        command = (
+            [record.install_python, "-m", "services.worker"]
+            if record.install_python
+            else self._config.worker_command
+        )
         argv = [
-            *self._config.worker_command,
+            *command,
             "--engine",
             record.engine,
             "--device",
@@ -584,6 +591,40 @@ class PoolService:
             SpawnStage.READY,
             f"{record.name} is ready on {record.endpoint}",
         )
+
+    async def _find_install(self, record: PoolWorker) -> str | None:
+        """Where the worker will run from, as a note for the INSTALLING stage (None: nothing is
+        installed). A backend built from a recipe (the newest registered install whose
+        environment exists) wins; else the pool's own environment when the backend imports
+        there (the "system" install)."""
+        type_id = record.worker_type.removeprefix("worker-types/")
+        installs = await self._catalog.list_installs(type_id)
+        for install in sorted(installs, key=lambda i: i.created_at, reverse=True):
+            python = Path(install.path) / "venv" / "bin" / "python"
+            present: bool = bool(install.path) and await asyncio.to_thread(python.exists)
+            if present:
+                record.install = install.name
+                record.install_python = str(python)
+                return f"runs from {install.name} ({install.backend_version or install.version})"
+        if backend_installed(record.engine):
+            record.install = ""
+            record.install_python = ""
+            return f"the {record.engine} backend runs in the pool's environment (system install)"
+        return None
+
+    async def _install(self, record: PoolWorker) -> AsyncIterator[SpawnEvent]:
+        """INSTALLING: the provisioner builds the worker type's backend from its recipe."""
+        assert self._provisioner is not None
+        type_id = record.worker_type.removeprefix("worker-types/")
+        yield spawn_event(record, SpawnStage.INSTALLING, f"installing {type_id} from its recipe")
+        async for item in self._provisioner.install(type_id, limit_s=3 * 3600):
+            if isinstance(item, InstallProgressNote):
+                yield spawn_event(record, SpawnStage.INSTALLING, f"{item.state}: {item.message}")
+                continue
+            python = Path(item.path) / "venv" / "bin" / "python"
+            record.install = item.name
+            record.install_python = str(python) if item.path else ""
+            yield spawn_event(record, SpawnStage.INSTALLING, f"installed {item.name}")
 
     async def _preload(self, record: PoolWorker) -> AsyncIterator[SpawnEvent]:
         """PRELOADING: the provisioner warms the model's files into the page cache."""
