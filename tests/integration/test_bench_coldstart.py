@@ -33,7 +33,7 @@ def test_benchmark_measures_and_prints_every_phase(tmp_path: Path) -> None:
     for row in result.rows.values():
         assert row.measured, row
         (run,) = row.runs
-        assert 0 < run.seconds
+        assert run.seconds > 0
         # Every stage of the spawn was seen, in order, and the first token came after READY.
         marks = [run.stages[name] for name in ("validating", "starting", "loading", "ready")]
         assert marks == sorted(marks)
