@@ -18,6 +18,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.settings import FAST_RECONNECT_OPTIONS
+
 POLL_INTERVAL_S = 0.05
 STOP_GRACE_S = 30.0
 
@@ -43,7 +45,7 @@ def wait_serving(
     TimeoutError when `timeout` seconds pass without SERVING.
     """
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with grpc.insecure_channel(address, options=FAST_RECONNECT_OPTIONS) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while True:
             if process.poll() is not None:

@@ -213,3 +213,13 @@ def _render(value: Any) -> str:
     if isinstance(value, BaseModel):
         return str(non_default_settings(value))
     return str(value)
+
+
+# Channel options for waiting on a process that is starting: gRPC's default reconnect backoff
+# (1 s, growing 1.6x, with jitter) makes a health poll see a server that has been up for a
+# second only 1-2 s later; 50-100 ms keeps the wait within a poll of the truth.
+FAST_RECONNECT_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 100),
+)

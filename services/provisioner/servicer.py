@@ -26,6 +26,7 @@ from services.provisioner.service import ProvisionerService
 
 Context = Any  # grpc.aio.ServicerContext; the domain never sees it
 
+
 async def _relay_install(
     stream: AsyncIterator[InstallEvent | Install],
 ) -> AsyncIterator[pb.InstallWorkerResponse]:

@@ -12,6 +12,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.settings import FAST_RECONNECT_OPTIONS
+
 BIN = Path(sys.executable).parent
 
 
@@ -31,7 +33,7 @@ def wait_healthy(
 ) -> None:
     """Return once `address` reports SERVING; fail at once if `process` exits first."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with grpc.insecure_channel(address, options=FAST_RECONNECT_OPTIONS) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:

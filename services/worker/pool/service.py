@@ -341,6 +341,7 @@ class PoolService:
             self._workers[record.id] = managed  # claims count from here on
         self._publish(WorkerEventKind.CREATED, record)
         began = time.monotonic()
+        preload: asyncio.Task[tuple[int, int]] | None = None
         try:
             if installed is None:
                 async for event in self._install(record):
@@ -348,11 +349,17 @@ class PoolService:
             else:
                 yield spawn_event(record, SpawnStage.INSTALLING, installed)
             if request.preload:
-                async for event in self._preload(record):
-                    yield event
-            async for event in self._start_and_load(managed, device):
+                # Alongside STARTING, not before it: the worker process's start (interpreter,
+                # imports) takes about as long as reading a model of a few hundred MB.
+                yield spawn_event(
+                    record, SpawnStage.PRELOADING, f"preloading {record.model} while it starts"
+                )
+                preload = asyncio.create_task(self._preload(record), name=f"preload:{record.id}")
+            async for event in self._start_and_load(managed, device, preload):
                 yield event
         except BaseException as exc:
+            if preload is not None:
+                preload.cancel()
             message = exc.message if isinstance(exc, RbeeError) else "the spawn was cancelled"
             await self._discard_process(managed, f"spawn failed: {message}")
             if self._metrics is not None:
@@ -501,7 +508,10 @@ class PoolService:
         return None
 
     async def _start_and_load(
-        self, managed: _Managed, device: HostDevice
+        self,
+        managed: _Managed,
+        device: HostDevice,
+        preload: asyncio.Task[tuple[int, int]] | None = None,
     ) -> AsyncIterator[SpawnEvent]:
         record = managed.record
         port = free_port()
@@ -566,6 +576,15 @@ class PoolService:
             if tail:
                 exc.message = f"{exc.message}; stderr tail:\n{tail}"
             raise
+        if preload is not None:
+            done, total = await preload
+            yield spawn_event(
+                record,
+                SpawnStage.PRELOADING,
+                f"{done / 2**20:.0f} of {total / 2**20:.0f} MiB in the page cache",
+                preload_done=done,
+                preload_total=total,
+            )
         self._set_state(record, PoolWorkerState.LOADING, f"loading {record.model}")
         yield spawn_event(
             record,
@@ -626,23 +645,14 @@ class PoolService:
             record.install_python = str(python) if item.path else ""
             yield spawn_event(record, SpawnStage.INSTALLING, f"installed {item.name}")
 
-    async def _preload(self, record: PoolWorker) -> AsyncIterator[SpawnEvent]:
-        """PRELOADING: the provisioner warms the model's files into the page cache."""
+    async def _preload(self, record: PoolWorker) -> tuple[int, int]:
+        """The provisioner warms the model's files into the page cache: (bytes, total)."""
         assert self._provisioner is not None
-        yield spawn_event(record, SpawnStage.PRELOADING, f"preloading {record.model}")
         limit = self._config.start_timeout_base + record.model_size_bytes / 50e6
-        last = 0.0
-        async for done, total in self._provisioner.preload(record.model, limit_s=limit):
-            now = time.monotonic()
-            if now - last >= 0.25 or (total and done >= total):
-                last = now
-                yield spawn_event(
-                    record,
-                    SpawnStage.PRELOADING,
-                    f"{done / 2**20:.0f} of {total / 2**20:.0f} MiB in the page cache",
-                    preload_done=done,
-                    preload_total=total,
-                )
+        last = (0, 0)
+        async for progress in self._provisioner.preload(record.model, limit_s=limit):
+            last = progress
+        return last
 
     async def _discard_process(self, managed: _Managed, message: str) -> None:
         managed.stopping = True

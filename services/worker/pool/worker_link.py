@@ -17,6 +17,7 @@ from rbee.worker.v1 import load_pb2, worker_pb2_grpc
 from rbee.worker.v1 import worker_pb2 as pb
 from rbee_client.errors import error_from_rpc
 from services.common.errors import RbeeError, Unavailable, error_for_status
+from services.common.settings import FAST_RECONNECT_OPTIONS
 from services.worker.pool.domain import LiveStatus, PoolWorkerState
 
 _STATE_FROM_PB = {
@@ -72,7 +73,7 @@ class WorkerLink:
 
     def __init__(self, endpoint: str, *, deadline: float = 10.0) -> None:
         self.endpoint = endpoint
-        self._channel = grpc.aio.insecure_channel(endpoint)
+        self._channel = grpc.aio.insecure_channel(endpoint, options=FAST_RECONNECT_OPTIONS)
         self._stub = worker_pb2_grpc.WorkerServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._deadline = deadline

@@ -30,7 +30,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.settings import DEFAULT_HOME
+from services.common.settings import DEFAULT_HOME, FAST_RECONNECT_OPTIONS
 
 DEFAULT_PORTS = {"catalog": (50061, 9461), "provisioner": (50081, 9481), "pool": (50091, 9491)}
 START_TIMEOUT = 60.0
@@ -74,7 +74,7 @@ def environment(services: list[Service], home: Path) -> dict[str, str]:
 
 def wait_serving(service: Service, process: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT
-    with grpc.insecure_channel(service.address) as channel:
+    with grpc.insecure_channel(service.address, options=FAST_RECONNECT_OPTIONS) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
