@@ -903,22 +903,20 @@ class WorkerService:
             self._reject()
             raise
 
-    async def _generation(
+    async def _begin_turn(
         self,
         expected_model: str,
-        start: Callable[[LoadedModelInfo, threading.Event], Iterator[GenerationEvent]],
-    ) -> AsyncGenerator[StreamEvent, None]:
-        enqueued = time.perf_counter()
+        work: Callable[[LoadedModelInfo, threading.Event, Emit], None],
+    ) -> tuple[LoadedModelInfo, float, threading.Event, asyncio.Queue[object]]:
+        """Wait for this request's turn, then start `work(loaded, cancel, emit)` on the engine
+        thread. Returns the loaded model, when the turn began, the request's cancel event and
+        the queue of what the work emits; the turn ends when the work does."""
         loaded = await self._take_turn(expected_model)
         began = time.perf_counter()
         cancel = threading.Event()
         self._current_cancel = cancel
         self._running = True
         self._touch()
-
-        def work(emit: Emit) -> None:
-            for event in start(loaded, cancel):
-                emit(event)
 
         def on_done(_future: asyncio.Future[None]) -> None:
             self._running = False
@@ -928,14 +926,27 @@ class WorkerService:
             self._touch()
 
         try:
-            items = self._start_job(work, on_done)
+            items = self._start_job(lambda emit: work(loaded, cancel, emit), on_done)
         except BaseException:
             self._running = False
             self._turns.release()
             self._touch()
             self._reject()
             raise
+        return loaded, began, cancel, items
 
+    async def _generation(
+        self,
+        expected_model: str,
+        start: Callable[[LoadedModelInfo, threading.Event], Iterator[GenerationEvent]],
+    ) -> AsyncGenerator[StreamEvent, None]:
+        enqueued = time.perf_counter()
+
+        def work(loaded: LoadedModelInfo, cancel: threading.Event, emit: Emit) -> None:
+            for event in start(loaded, cancel):
+                emit(event)
+
+        loaded, began, cancel, items = await self._begin_turn(expected_model, work)
         metrics = self._metrics
         outcome = FINISH_ERROR
         completion_seen = 0
@@ -1064,32 +1075,11 @@ class WorkerService:
         self, engine: ImageEngine, request: ImageGenerationRequest
     ) -> AsyncGenerator[ImageStreamEvent, None]:
         enqueued = time.perf_counter()
-        loaded = await self._take_turn(request.model)
-        began = time.perf_counter()
-        cancel = threading.Event()
-        self._current_cancel = cancel
-        self._running = True
-        self._touch()
 
-        def work(emit: Emit) -> None:
+        def work(_loaded: LoadedModelInfo, cancel: threading.Event, emit: Emit) -> None:
             emit(engine.generate(request.params, on_progress=emit, cancel=cancel))
 
-        def on_done(_future: asyncio.Future[None]) -> None:
-            self._running = False
-            if self._current_cancel is cancel:
-                self._current_cancel = None
-            self._turns.release()
-            self._touch()
-
-        try:
-            items = self._start_job(work, on_done)
-        except BaseException:
-            self._running = False
-            self._turns.release()
-            self._touch()
-            self._reject()
-            raise
-
+        loaded, began, cancel, items = await self._begin_turn(request.model, work)
         outcome = FINISH_ERROR
         result: ImageResult | None = None
         steps_seen = 0
