@@ -15,6 +15,8 @@ import hashlib
 import hmac
 import json
 import secrets
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from services.common.errors import InvalidArgument
 
@@ -121,3 +123,42 @@ def _b64decode(text: str) -> bytes:
 
 def _token_error(description: str) -> InvalidArgument:
     return InvalidArgument.for_field("page_token", description, reason="INVALID_PAGE_TOKEN")
+
+
+OrderKey = str | tuple[float, str]
+_Item = TypeVar("_Item")
+
+
+def page_in_memory(
+    items: Sequence[_Item],
+    *,
+    key: Callable[[_Item], OrderKey],
+    codec: PageTokenCodec,
+    fingerprint: str,
+    page_size: int,
+    page_token: str,
+) -> tuple[list[_Item], str]:
+    """One page of `items` (already sorted by `key`, ascending) after `page_token`, and the
+    token of the next page ("" on the last). For the small collections a service keeps in
+    memory (pulls, jobs, workers, recipes, preloads); the key travels as JSON in the token."""
+    size = normalize_page_size(page_size)
+    after_text = codec.decode(page_token, fingerprint)
+    rest = list(items)
+    if after_text is not None:
+        after = _order_key_from_text(after_text)
+        rest = [item for item in rest if _comparable(key(item)) > after]
+    page = rest[:size]
+    token = codec.encode(json.dumps(key(page[-1])), fingerprint) if len(rest) > size else ""
+    return page, token
+
+
+def _comparable(value: OrderKey) -> tuple[Any, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _order_key_from_text(text: str) -> tuple[Any, ...]:
+    try:
+        value = json.loads(text)
+    except ValueError:  # signed by us, so a bug rather than a client error; still refused
+        raise _token_error("page_token is malformed; start from the first page") from None
+    return (value,) if isinstance(value, str) else tuple(value)

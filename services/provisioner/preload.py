@@ -55,7 +55,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from services.catalog.domain import Model, ModelState
 from services.catalog.ids import parse_resource_name
 from services.catalog.link import CatalogLink
-from services.catalog.pagination import PageTokenCodec, filter_fingerprint, new_secret
+from services.catalog.pagination import (
+    PageTokenCodec,
+    filter_fingerprint,
+    new_secret,
+    page_in_memory,
+)
 from services.catalog.pagination import normalize_page_size as _normalize_page_size
 from services.common.errors import FailedPrecondition, NotFound, ResourceExhausted
 
@@ -695,21 +700,18 @@ class PreloadManager:
 
     async def list_preloads(self, *, page_size: int = 0, page_token: str = "") -> PreloadPage:
         """ListPreloads: most recently used first, every residency measured now."""
-        size = _normalize_page_size(page_size)
-        fingerprint = filter_fingerprint("preloads", "", "mru")
-        after = self._tokens.decode(page_token, fingerprint)
+        _normalize_page_size(page_size)  # INVALID_ARGUMENT for a negative size
         records = list(self._records.values())
         await self._remeasure(records)
         ordered = sorted(records, key=_order_key)
-        if after is not None:
-            key = _key_tuple(after)
-            ordered_after = [r for r in ordered if _order_key(r) > key]
-        else:
-            ordered_after = ordered
-        page = ordered_after[:size]
-        token = ""
-        if len(ordered_after) > size:
-            token = self._tokens.encode(_key_text(page[-1]), fingerprint)
+        page, token = page_in_memory(
+            ordered,
+            key=_order_key,
+            codec=self._tokens,
+            fingerprint=filter_fingerprint("preloads", "", "mru"),
+            page_size=page_size,
+            page_token=page_token,
+        )
         return PreloadPage(
             preloads=[_snapshot(r) for r in page],
             next_page_token=token,
@@ -743,13 +745,3 @@ def _snapshot(record: PreloadRecord) -> PreloadRecord:
 def _order_key(record: PreloadRecord) -> tuple[float, str]:
     # Most recently used first: negate the time; the id breaks ties.
     return (-record.last_used_at.timestamp(), record.model_id)
-
-
-def _key_text(record: PreloadRecord) -> str:
-    t, model_id = _order_key(record)
-    return f"{t!r}|{model_id}"
-
-
-def _key_tuple(text: str) -> tuple[float, str]:
-    t, _, model_id = text.partition("|")
-    return (float(t), model_id)

@@ -43,7 +43,7 @@ from services.catalog.pagination import (
     PageTokenCodec,
     filter_fingerprint,
     new_secret,
-    normalize_page_size,
+    page_in_memory,
 )
 from services.common.errors import (
     Aborted,
@@ -274,22 +274,19 @@ class PullManager:
         self, *, filter_text: str, page_size: int, page_token: str
     ) -> tuple[list[PullRecord], str, int]:
         """Pulls, newest first, filtered (`state=`, `source=`, `model=`, joined by AND)."""
-        size = normalize_page_size(page_size)
         terms = _parse_pull_filter(filter_text)
-        fingerprint = filter_fingerprint("pulls", json.dumps(sorted(terms.items())), "new")
-        after = self._tokens.decode(page_token, fingerprint)
         matching = sorted(
             (j.record for j in self._jobs.values() if _matches(j.record, terms)),
             key=_order_key,
         )
-        if after is not None:
-            matching_after = [r for r in matching if _order_key(r) > _key_tuple(after)]
-        else:
-            matching_after = matching
-        page = matching_after[:size]
-        token = ""
-        if len(matching_after) > size:
-            token = self._tokens.encode(_key_text(page[-1]), fingerprint)
+        page, token = page_in_memory(
+            matching,
+            key=_order_key,
+            codec=self._tokens,
+            fingerprint=filter_fingerprint("pulls", json.dumps(sorted(terms.items())), "new"),
+            page_size=page_size,
+            page_token=page_token,
+        )
         return page, token, len(matching)
 
     # --- starting and attaching ---------------------------------------------------------------
@@ -924,13 +921,3 @@ def _matches(record: PullRecord, terms: dict[str, str]) -> bool:
 def _order_key(record: PullRecord) -> tuple[float, str]:
     # Newest first: negate the creation time; the id breaks ties.
     return (-record.created_at.timestamp(), record.id)
-
-
-def _key_text(record: PullRecord) -> str:
-    t, pid = _order_key(record)
-    return f"{t!r}|{pid}"
-
-
-def _key_tuple(text: str) -> tuple[float, str]:
-    t, _, pid = text.partition("|")
-    return (float(t), pid)

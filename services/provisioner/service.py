@@ -26,7 +26,7 @@ from services.catalog.pagination import (
     PageTokenCodec,
     filter_fingerprint,
     new_secret,
-    normalize_page_size,
+    page_in_memory,
 )
 from services.common.errors import AlreadyExists
 from services.common.list_filter import parse_equality_filter
@@ -153,12 +153,14 @@ class ProvisionerService:
         if "supported_on_host" in terms:
             flag = terms["supported_on_host"] == "true"
             recipes = [r for r in recipes if r.supported_on_host is flag]
-        size = normalize_page_size(page_size)
-        fingerprint = filter_fingerprint("recipes", json.dumps(sorted(terms.items())), "name")
-        after = self._tokens.decode(page_token, fingerprint)
-        rest = [r for r in recipes if after is None or r.id > after]
-        page = rest[:size]
-        token = self._tokens.encode(page[-1].id, fingerprint) if len(rest) > size else ""
+        page, token = page_in_memory(
+            recipes,
+            key=lambda r: r.id,
+            codec=self._tokens,
+            fingerprint=filter_fingerprint("recipes", json.dumps(sorted(terms.items())), "name"),
+            page_size=page_size,
+            page_token=page_token,
+        )
         return page, token, len(recipes)
 
     async def get_recipe(self, name: str) -> Recipe:

@@ -14,7 +14,9 @@ from services.catalog.pagination import (
     MAX_PAGE_SIZE,
     PageTokenCodec,
     filter_fingerprint,
+    new_secret,
     normalize_page_size,
+    page_in_memory,
 )
 from services.common.errors import InvalidArgument
 
@@ -136,3 +138,40 @@ def test_tampering_with_any_character_is_detected() -> None:
 def test_short_secret_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="at least 16 bytes"):
         PageTokenCodec(b"short")
+
+
+def test_page_in_memory_walks_every_item_once_with_both_key_kinds() -> None:
+    codec = PageTokenCodec(new_secret())
+    newest_first = sorted(
+        [(-float(t), f"id-{i}") for i, t in enumerate((5, 3, 3, 1, 9, 7))], key=lambda k: k
+    )  # (-time, id): newest first, the id breaking ties
+    for items, key in (
+        (newest_first, lambda k: k),
+        (sorted(f"w{i:02d}" for i in range(7)), lambda k: k),
+    ):
+        seen: list[object] = []
+        token = ""
+        while True:
+            page, token = page_in_memory(
+                items, key=key, codec=codec, fingerprint="f", page_size=2, page_token=token
+            )
+            seen.extend(page)
+            if not token:
+                break
+        assert seen == list(items)
+    with pytest.raises(InvalidArgument):
+        page_in_memory(
+            newest_first,
+            key=lambda k: k,
+            codec=codec,
+            fingerprint="other",
+            page_size=2,
+            page_token=page_in_memory(
+                newest_first,
+                key=lambda k: k,
+                codec=codec,
+                fingerprint="f",
+                page_size=2,
+                page_token="",
+            )[1],
+        )

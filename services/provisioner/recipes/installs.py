@@ -58,7 +58,7 @@ from services.catalog.pagination import (
     PageTokenCodec,
     filter_fingerprint,
     new_secret,
-    normalize_page_size,
+    page_in_memory,
 )
 from services.catalog.worker_types import (
     build_worker_types,
@@ -350,7 +350,6 @@ class InstallManager:
         self, *, filter_text: str = "", page_size: int = 0, page_token: str = ""
     ) -> tuple[builtins.list[InstallJobRecord], str, int]:
         """ListInstallJobs: newest first; filter `state=`, `worker_type=` joined by AND."""
-        size = normalize_page_size(page_size)
         terms = parse_equality_filter(
             filter_text,
             fields=("state", "worker_type"),
@@ -359,8 +358,6 @@ class InstallManager:
         )
         if "worker_type" in terms:
             terms["worker_type"] = terms["worker_type"].removeprefix("worker-types/")
-        fingerprint = filter_fingerprint("install-jobs", json.dumps(sorted(terms.items())), "new")
-        after = self._tokens.decode(page_token, fingerprint)
         matching = sorted(
             (
                 j.record
@@ -372,16 +369,16 @@ class InstallManager:
             ),
             key=_order_key,
         )
-        if after is not None:
-            t, _, jid = after.partition("|")
-            matching_after = [r for r in matching if _order_key(r) > (float(t), jid)]
-        else:
-            matching_after = matching
-        page = matching_after[:size]
-        token = ""
-        if len(matching_after) > size:
-            t2, jid2 = _order_key(page[-1])
-            token = self._tokens.encode(f"{t2!r}|{jid2}", fingerprint)
+        page, token = page_in_memory(
+            matching,
+            key=_order_key,
+            codec=self._tokens,
+            fingerprint=filter_fingerprint(
+                "install-jobs", json.dumps(sorted(terms.items())), "new"
+            ),
+            page_size=page_size,
+            page_token=page_token,
+        )
         return page, token, len(matching)
 
     def installed(self) -> builtins.list[Install]:

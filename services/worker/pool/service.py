@@ -46,7 +46,7 @@ from services.catalog.pagination import (
     PageTokenCodec,
     filter_fingerprint,
     new_secret,
-    normalize_page_size,
+    page_in_memory,
 )
 from services.common.errors import (
     AlreadyExists,
@@ -271,19 +271,21 @@ class PoolService:
     async def list_workers(
         self, *, filter_text: str, page_size: int, page_token: str
     ) -> tuple[list[PoolWorker], str, int]:
-        size = normalize_page_size(page_size)
         terms = _parse_filter(filter_text)
-        fingerprint = filter_fingerprint("workers", json.dumps(sorted(terms.items())), "name")
-        after = self._tokens.decode(page_token, fingerprint)
         for managed in list(self._workers.values()):
             await self._refresh(managed)
         matching = sorted(
             (m.record for m in self._workers.values() if _matches(m.record, terms)),
             key=lambda r: r.id,
         )
-        rest = [r for r in matching if after is None or r.id > after]
-        page = rest[:size]
-        token = self._tokens.encode(page[-1].id, fingerprint) if len(rest) > size else ""
+        page, token = page_in_memory(
+            matching,
+            key=lambda r: r.id,
+            codec=self._tokens,
+            fingerprint=filter_fingerprint("workers", json.dumps(sorted(terms.items())), "name"),
+            page_size=page_size,
+            page_token=page_token,
+        )
         return page, token, len(matching)
 
     # --- spawning -----------------------------------------------------------------------------
