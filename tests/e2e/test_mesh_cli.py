@@ -112,3 +112,5 @@ def test_up_in_the_foreground_stops_everything_on_ctrl_c(tmp_path: Path) -> None
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
+        if (home / "mesh.json").exists():  # never leave a mesh behind, whatever failed
+            run("down", "--home", str(home), env={})

@@ -127,7 +127,7 @@ def _reap(pid: int) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from rbee_client.cli.main import CliError
+    from rbee_client.cli.main import EXIT_INTERRUPTED, CliError
 
     home = Path(args.home or os.environ.get("RBEE_HOME") or DEFAULT_HOME).expanduser()
     home.mkdir(parents=True, exist_ok=True)
@@ -160,14 +160,19 @@ def cmd_up(args: argparse.Namespace) -> int:
     except (RuntimeError, OSError) as exc:
         _stop(records)
         raise CliError(str(exc), hint=f"see the logs in {logs}") from None
+    except KeyboardInterrupt:
+        _stop(records)
+        print("interrupted while starting; stopped what had started", file=sys.stderr)
+        return EXIT_INTERRUPTED
     state.write_text(json.dumps(records))
-    for key in ("RBEE_CATALOG_ADDR", "RBEE_PROVISIONER_ADDR", "RBEE_POOL_ADDR"):
-        print(f"export {key}={env[key]}", flush=True)
     if args.background:
+        _print_endpoints(env)
         print("the mesh runs in the background; stop it with `rbee down`", file=sys.stderr)
         return 0
-    print("serving; Ctrl-C stops the mesh", file=sys.stderr, flush=True)
+    # From here a Ctrl-C, whenever it comes, stops the whole mesh.
     try:
+        _print_endpoints(env)
+        print("serving; Ctrl-C stops the mesh", file=sys.stderr, flush=True)
         while all(p.poll() is None for _, p in started):
             time.sleep(0.5)
         gone = [s.name for s, p in started if p.poll() is not None]
@@ -177,6 +182,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     _stop(records)
     state.unlink(missing_ok=True)
     return 0
+
+
+def _print_endpoints(env: dict[str, str]) -> None:
+    for key in ("RBEE_CATALOG_ADDR", "RBEE_PROVISIONER_ADDR", "RBEE_POOL_ADDR"):
+        print(f"export {key}={env[key]}", flush=True)
 
 
 def cmd_down(args: argparse.Namespace) -> int:
