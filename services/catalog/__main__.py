@@ -8,6 +8,8 @@ import platform
 import sys
 from collections.abc import Sequence
 
+from prometheus_client import CollectorRegistry
+
 from rbee.catalog.v1 import catalog_pb2_grpc
 from services.catalog.service import CatalogService, HostInfo
 from services.catalog.servicer import CatalogServicer
@@ -20,19 +22,27 @@ from services.catalog.worker_types import (
 )
 from services.common.logs import configure_logging, log_settings
 from services.common.server import (
+    RunningServer,
     ServiceBinding,
     prepare_heap_for_serving,
     serve_until_signal,
     start_server,
 )
+from services.common.settings import SettingsError, load_settings
 
 logger = logging.getLogger("services.catalog")
 
 SERVICE_NAME = "rbee.catalog.v1.CatalogService"
 
 
-async def run(settings: CatalogSettings) -> None:
-    """Serve until SIGTERM/SIGINT: NOT_SERVING while opening the store, SERVING after."""
+EXIT_USAGE = 2
+
+
+async def start_catalog(
+    settings: CatalogSettings, registry: CollectorRegistry | None = None
+) -> RunningServer:
+    """Open the store and bind the server (NOT_SERVING); the caller sets SERVING. Stopping the
+    server closes the store."""
     store = CatalogStore.open(settings.database_path)
     plat, machine = host_platform()
     service = CatalogService(
@@ -50,8 +60,16 @@ async def run(settings: CatalogSettings) -> None:
         ],
         listen=settings.listen,
         metrics_listen=settings.metrics_listen,
+        registry=registry,
+        security=settings.server_security(),
     )
     running.on_stop(service.close)
+    return running
+
+
+async def run(settings: CatalogSettings) -> None:
+    """Serve until SIGTERM/SIGINT: NOT_SERVING while opening the store, SERVING after."""
+    running = await start_catalog(settings)
     prepare_heap_for_serving()
     await running.set_serving()
     logger.info(
@@ -65,7 +83,11 @@ async def run(settings: CatalogSettings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = CatalogSettings()
+    try:
+        settings = load_settings(CatalogSettings)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     configure_logging(settings.log_level, settings.log_format)
     log_settings(logger, settings)
     asyncio.run(run(settings))

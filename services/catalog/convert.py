@@ -119,8 +119,15 @@ def _fill_timestamp(ts: Timestamp, moment: datetime) -> None:
     ts.nanos = moment.microsecond * 1000
 
 
-def timestamp_from_pb(ts: Timestamp) -> datetime:
-    return ts.ToDatetime(tzinfo=UTC)
+def timestamp_from_pb(ts: Timestamp, *, field_name: str = "timestamp") -> datetime:
+    """The moment `ts` names; InvalidArgument when it is outside what Timestamp allows (years
+    1-9999, nanos 0-999,999,999): protobuf's own ToDatetime raises a bare ValueError there."""
+    try:
+        return ts.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidArgument.for_field(
+            field_name, "not a valid timestamp (years 1 to 9999, nanos 0 to 999999999)"
+        ) from exc
 
 
 # ---- models ---------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from services.catalog.domain import (
     ModelSource,
     ModelState,
 )
+from services.common.channels import ChannelSecurity, open_aio_channel
 from services.common.errors import RbeeError, StatusKind, Unavailable, error_for_status
 
 CATALOG_DEADLINE = 120.0  # registration inspects the files (headers only, but a cold disk)
@@ -115,8 +116,16 @@ def _as_rbee_error(err: RbeeClientError, what: str) -> RbeeError:
 class GrpcCatalogLink(CatalogLink):
     """The catalog over gRPC (one aio channel for the life of the service that holds it)."""
 
-    def __init__(self, address: str, *, deadline: float = CATALOG_DEADLINE) -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+    def __init__(
+        self,
+        address: str,
+        *,
+        deadline: float = CATALOG_DEADLINE,
+        security: ChannelSecurity | None = None,
+    ) -> None:
+        """`security`: the calling service's token and TLS (settings.client_security());
+        None: plaintext, no token."""
+        self._channel = open_aio_channel(address, security)
         self._stub = catalog_pb2_grpc.CatalogServiceStub(self._channel)
         self._deadline = deadline
 

@@ -147,3 +147,25 @@ def resolve_architectures(installed_version: str | None = None) -> ArchitectureL
         list_version=chosen,
         installed_version=installed_version,
     )
+
+
+def table_architectures(version: str | None = None) -> ArchitectureList:
+    """The table's list for llama-cpp-python `version` (None or "newest": the newest listed),
+    whatever is installed here.
+
+    For documents that must not depend on the machine that builds them (docs/COMPATIBILITY.md):
+    `resolve_architectures` describes this host's install, this describes the table.
+    Raises KeyError for a version the table does not list.
+    """
+    chosen = max(KNOWN_ARCHITECTURES, key=version_key)
+    if version is not None and version != "newest":
+        chosen = version
+    if chosen not in KNOWN_ARCHITECTURES:
+        known = ", ".join(sorted(KNOWN_ARCHITECTURES, key=version_key))
+        raise KeyError(f"no architecture list for {DISTRIBUTION_NAME} {chosen} (known: {known})")
+    return ArchitectureList(
+        names=KNOWN_ARCHITECTURES[chosen],
+        source=f"{DISTRIBUTION_NAME} {chosen} (the catalog's architecture table)",
+        list_version=chosen,
+        installed_version=None,
+    )

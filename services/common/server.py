@@ -10,6 +10,12 @@ Health (grpc.health.v1) starts NOT_SERVING for "" and every bound service and tu
 only when the caller says it is ready. Stopping is a sequence: NOT_SERVING, `server.stop(grace)`
 (in-flight RPCs may finish), the metrics endpoint goes down, then the `on_stop` callbacks run
 (unload models, close stores), last registered first.
+
+Access (services.common.auth): `security=ServerSecurity(...)` (from `settings.server_security()`)
+turns on the bearer-token check for every method (health and reflection as configured) and TLS
+or mutual TLS on the gRPC port. A server that listens on a non-loopback host with no token logs
+a warning at start-up. The /metrics endpoint binds the host `metrics_listen` names and has no
+authentication.
 """
 
 from __future__ import annotations
@@ -29,6 +35,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from rbee.common.v1 import info_pb2_grpc
+from services.common.auth import (
+    NO_SERVER_SECURITY,
+    AuthInterceptor,
+    AuthMetrics,
+    ServerSecurity,
+    is_loopback_host,
+)
+from services.common.info import INFO_SERVICE_NAME, InfoServicer
 from services.common.interceptors import ErrorInterceptor, MetricsInterceptor
 from services.common.metrics import GrpcServerMetrics
 from services.common.settings import parse_host_port
@@ -163,21 +178,29 @@ async def start_server(
     registry: CollectorRegistry | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    security: ServerSecurity | None = None,
 ) -> RunningServer:
     """Build, bind and start a server; health is NOT_SERVING until `set_serving()`.
 
     `listen` and `metrics_listen` are "host:port" (port 0: ephemeral; the real ports are on the
-    result). `metrics_listen=None` serves no /metrics endpoint. Raises ListenError when an
-    address cannot be bound.
+    result). `metrics_listen=None` serves no /metrics endpoint. `security` (default: none)
+    sets the bearer token and TLS. Raises ListenError when an address cannot be bound.
     """
     registry = registry if registry is not None else CollectorRegistry()
-    parse_host_port(listen)  # a clear ValueError before grpc's terse one
+    security = security if security is not None else NO_SERVER_SECURITY
+    listen_host, _ = parse_host_port(listen)  # a clear ValueError before grpc's terse one
     metrics_address = parse_host_port(metrics_listen) if metrics_listen is not None else None
 
     # Metrics outermost so it sees the status the error interceptor produced; the error
-    # interceptor innermost of ours so extra interceptors (auth, ...) get their errors mapped.
-    interceptors = [MetricsInterceptor(GrpcServerMetrics(registry)), ErrorInterceptor()]
-    interceptors[1:1] = list(extra_interceptors)
+    # interceptor inside extra interceptors so they get their errors mapped; auth innermost,
+    # so a refused call is mapped (ErrorInfo, request id), logged and counted like any other.
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        MetricsInterceptor(GrpcServerMetrics(registry)),
+        *extra_interceptors,
+        ErrorInterceptor(),
+    ]
+    if security.token:
+        interceptors.append(AuthInterceptor(security, AuthMetrics(registry)))
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -191,16 +214,19 @@ async def start_server(
     for binding in bindings:
         binding.add_to_server(binding.servicer, server)
 
+    info_servicer = InfoServicer(service_names, auth_required=bool(security.token))
+    info_pb2_grpc.add_InfoServiceServicer_to_server(info_servicer, server)
+
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (OVERALL_HEALTH, *service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection(
-        (*service_names, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
+        (*service_names, INFO_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
     )
 
     try:
-        port = _bind(server, listen)
+        port = _bind(server, listen, security)
     except ListenError:
         await server.stop(None)
         raise
@@ -214,12 +240,25 @@ async def start_server(
             await server.stop(None)
             raise
         metrics_port = int(metrics_endpoint.http_server.server_address[1])
+        metrics_host = metrics_address[0]
+        if ":" in metrics_host:
+            metrics_host = f"[{metrics_host}]"
+        info_servicer.set_metrics_url(f"http://{metrics_host}:{metrics_port}/metrics")
     logger.info(
-        "listening on port %d (%s), metrics %s",
+        "listening on port %d (%s), metrics %s, %s, %s",
         port,
         ", ".join(service_names) or "no services",
         f"on port {metrics_port}" if metrics_port is not None else "off",
+        "token auth on" if security.token else "no auth",
+        "mutual TLS" if security.mutual_tls else "TLS" if security.uses_tls else "plaintext",
     )
+    if not security.token and not is_loopback_host(listen_host):
+        logger.warning(
+            "listening on %s with no authentication: anyone who can reach this address can "
+            "call every RPC; set RBEE_AUTH_TOKEN_FILE (or RBEE_AUTH_TOKEN), or listen on "
+            "127.0.0.1",
+            listen,
+        )
     return RunningServer(
         port=port,
         metrics_port=metrics_port,
@@ -256,9 +295,12 @@ async def serve_until_signal(running: RunningServer, *, grace: float) -> None:
     await running.stop(grace)
 
 
-def _bind(server: grpc.aio.Server, listen: str) -> int:
+def _bind(server: grpc.aio.Server, listen: str, security: ServerSecurity) -> int:
     try:
-        port = server.add_insecure_port(listen)
+        if security.uses_tls:
+            port = server.add_secure_port(listen, security.server_credentials())
+        else:
+            port = server.add_insecure_port(listen)
     except RuntimeError as exc:  # grpcio raises RuntimeError("Failed to bind to address ...")
         raise ListenError(f"cannot listen for gRPC on {listen}: {exc}") from exc
     if port == 0:  # older grpcio versions report a failed bind as port 0

@@ -21,6 +21,7 @@ from services.common.server import (
     serve_until_signal,
     start_server,
 )
+from services.common.settings import SettingsError, load_settings
 from services.provisioner.metrics import ProvisionerMetrics
 from services.provisioner.preload import PreloadManager, PreloadMetrics
 from services.provisioner.pull_store import PullStore
@@ -34,6 +35,8 @@ from services.provisioner.settings import ProvisionerSettings
 
 logger = logging.getLogger("services.provisioner")
 
+EXIT_USAGE = 2
+
 SERVICE_NAME = "rbee.provisioner.v1.ProvisionerService"
 
 
@@ -42,7 +45,7 @@ def build_service(
 ) -> tuple[ProvisionerService, GrpcCatalogLink]:
     """The service with its pull and preload managers and catalog link (not started:
     `pulls.start()`)."""
-    catalog = GrpcCatalogLink(settings.catalog_address)
+    catalog = GrpcCatalogLink(settings.catalog_address, security=settings.client_security())
     context = settings.source_context()
     preloads = PreloadManager(
         catalog=catalog,
@@ -116,6 +119,7 @@ async def start_provisioner(
         listen=settings.listen,
         metrics_listen=settings.metrics_listen,
         registry=registry,
+        security=settings.server_security(),
     )
 
     async def pause_pulls_when_stopping() -> None:
@@ -160,7 +164,11 @@ async def run(settings: ProvisionerSettings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = ProvisionerSettings()
+    try:
+        settings = load_settings(ProvisionerSettings)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     configure_logging(settings.log_level, settings.log_format)
     # huggingface_hub's HTTP client logs every request at INFO; ours are logged by the pulls.
     logging.getLogger("httpx2").setLevel(logging.WARNING)

@@ -80,23 +80,46 @@ class ProvisionerSettings(ServiceSettings):
         default="127.0.0.1:50061", description="The catalog service this provisioner registers in."
     )
 
-    hf_endpoint: str = "https://huggingface.co"
-    hf_token: SecretStr | None = None
-    hf_cache: Path = Field(default_factory=_default_hf_cache)
-    civitai_endpoint: str = "https://civitai.com"
-    civitai_token: SecretStr | None = None
-    quantization_preference: tuple[str, ...] = DEFAULT_QUANTIZATION_PREFERENCE
+    hf_endpoint: str = Field(
+        default="https://huggingface.co", description="The HuggingFace Hub (or a mirror)."
+    )
+    hf_token: SecretStr | None = Field(
+        default=None, description="Hub token for private and gated repos; sent only to the Hub."
+    )
+    hf_cache: Path = Field(
+        default_factory=_default_hf_cache,
+        description="The standard HF cache Hub pulls go to (shared with other HF tools).",
+    )
+    civitai_endpoint: str = Field(default="https://civitai.com", description="CivitAI.")
+    civitai_token: SecretStr | None = Field(
+        default=None,
+        description="CivitAI API token for downloads that need a login; sent only to CivitAI.",
+    )
+    quantization_preference: tuple[str, ...] = Field(
+        default=DEFAULT_QUANTIZATION_PREFERENCE,
+        description="GGUF quantizations in order of preference, when a repo has several.",
+    )
 
-    max_concurrent_pulls: int = Field(default=2, ge=1, le=64)
+    max_concurrent_pulls: int = Field(
+        default=2, ge=1, le=64, description="Pulls that transfer at once; the others wait QUEUED."
+    )
     resume_on_start: bool = Field(
         default=True,
         description="Restart pulls that a previous run left unfinished (else they stay PAUSED).",
     )
-    upstream_timeout: float = Field(default=30.0, gt=0)
-    max_retries: int = Field(default=5, ge=0, le=100)
-    stall_timeout: float = Field(default=30.0, gt=0)
-    backoff_initial: float = Field(default=0.5, ge=0)
-    backoff_max: float = Field(default=30.0, ge=0)
+    upstream_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds to connect to an upstream and get its answer."
+    )
+    max_retries: int = Field(
+        default=5, ge=0, le=100, description="Retries of a transfer that makes no progress."
+    )
+    stall_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds without a byte before a transfer is retried."
+    )
+    backoff_initial: float = Field(
+        default=0.5, ge=0, description="First wait between retries, seconds (then doubled)."
+    )
+    backoff_max: float = Field(default=30.0, ge=0, description="Longest wait between retries.")
     bandwidth_limit: int = Field(default=0, ge=0, description="Bytes per second; 0: unlimited.")
     preload_budget: str = Field(
         default=DEFAULT_PRELOAD_BUDGET,

@@ -69,6 +69,8 @@ RING_BUFFERS = 4  # filled buffers in flight: one being received, one hashed, on
 # Written bytes between background fdatasync calls: the disk writes back while the network runs,
 # so the final fsync has little left to do (it cost ~0.9 s per 2 GiB when left to the end).
 FLUSH_BYTES = 256 * 1024 * 1024
+# Bytes asked of the response per read: what one failed read may lose (see `_receive`).
+READ_BYTES = 1024 * 1024
 CANCEL_POLL = 0.1  # how often the lock wait and the socket watcher look at the cancel event
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 TOKEN_SETTINGS = {AuthScope.HUGGINGFACE: "HF_TOKEN", AuthScope.CIVITAI: "CIVITAI_API_TOKEN"}
@@ -930,22 +932,36 @@ class _Download:
         self, response: HttpResponse, pipeline: _RingPipeline, expected_end: int | None
     ) -> None:
         """Read the body into the ring until EOF; the bytes go on to the hash and the disk."""
-        while True:
+        eof = False
+        while not eof:
             if self.cancel.is_set():
                 raise _CancelledNow()
             index = pipeline.acquire(self.cancel)
             view = pipeline.views[index]
-            try:
-                n = response.readinto(view)
-            except (OSError, http.client.HTTPException) as exc:
+            filled = 0
+            # The buffer fills by reads of at most READ_BYTES: a buffered readinto that fails
+            # (a stall's timeout, a reset) loses the count of what it had read, so a fault
+            # costs at most one such read, not a whole buffer, and the retry's Range starts
+            # after every byte that was counted.
+            failure: BaseException | None = None
+            while filled < len(view):
+                try:
+                    n = response.readinto(view[filled : filled + READ_BYTES])
+                except (OSError, http.client.HTTPException) as exc:
+                    failure = exc
+                    break
+                if n == 0:
+                    eof = True
+                    break
+                filled += n
+            if filled:
+                self._accept(pipeline, index, filled)
+            else:
                 pipeline.release(index)
+            if failure is not None:
                 if self.cancel.is_set():
                     raise _CancelledNow() from None
-                raise _Transient(self._describe(exc)) from None
-            if n == 0:
-                pipeline.release(index)
-                break
-            self._accept(pipeline, index, n)
+                raise _Transient(self._describe(failure)) from None
         if self.cancel.is_set():
             raise _CancelledNow()  # the watcher's shutdown looks like an EOF
         if expected_end is not None and pipeline.submitted < expected_end:

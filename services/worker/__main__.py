@@ -48,6 +48,7 @@ from services.catalog.link import GrpcCatalogLink
 from services.common.logs import configure_logging, log_settings
 from services.common.server import (
     ListenError,
+    RunningServer,
     ServiceBinding,
     prepare_heap_for_serving,
     serve_until_signal,
@@ -159,14 +160,22 @@ async def load_startup_model(service: WorkerService, settings: WorkerSettings) -
     )
 
 
-async def run(
-    settings: WorkerSettings, device: DeviceSpec, engine: LlmEngine | ImageEngine
-) -> None:
-    """Serve until SIGTERM/SIGINT: NOT_SERVING until ready (start-up model loaded), SERVING."""
-    registry = CollectorRegistry()
+async def start_worker(
+    settings: WorkerSettings,
+    device: DeviceSpec,
+    engine: LlmEngine | ImageEngine,
+    registry: CollectorRegistry,
+) -> tuple[RunningServer, WorkerService]:
+    """Build the service and bind the server (NOT_SERVING); the caller loads the start-up model
+    and sets SERVING. Stopping the server cancels the running generation first, then closes the
+    service and the catalog link. Raises StartupError when the address cannot be bound."""
     # grpc.aio channels connect lazily: building one needs no catalog running yet.
     catalog = (
-        GrpcCatalogLink(settings.catalog_address, deadline=CATALOG_LOOKUP_DEADLINE_S)
+        GrpcCatalogLink(
+            settings.catalog_address,
+            deadline=CATALOG_LOOKUP_DEADLINE_S,
+            security=settings.client_security(),
+        )
         if settings.catalog_address
         else None
     )
@@ -193,6 +202,7 @@ async def run(
             listen=settings.listen,
             metrics_listen=settings.metrics_listen,
             registry=registry,
+            security=settings.server_security(),
         )
     except ListenError as exc:
         await service.close()
@@ -210,28 +220,37 @@ async def run(
         service.begin_stop()
 
     stop_watch = asyncio.create_task(cancel_work_when_stopping())
-    try:
-        if settings.model_path is not None:
-            try:
-                await load_startup_model(service, settings)
-            except Exception as exc:
-                await running.stop(0)
-                raise StartupError(f"cannot load {settings.model_path}: {exc}") from exc
-        prepare_heap_for_serving()
-        await running.set_serving()
-        logger.info(
-            "worker serving on port %d (metrics port %s, engine %s, device %s, queue %d, "
-            "catalog %s)",
-            running.port,
-            running.metrics_port,
-            settings.engine,
-            device,
-            settings.queue_size,
-            settings.catalog_address or "none",
-        )
-        await serve_until_signal(running, grace=settings.grace_seconds)
-    finally:
-        stop_watch.cancel()
+
+    def end_stop_watch() -> None:
+        stop_watch.cancel()  # it has done its work once stop() runs the callbacks
+
+    running.on_stop(end_stop_watch)
+    return running, service
+
+
+async def run(
+    settings: WorkerSettings, device: DeviceSpec, engine: LlmEngine | ImageEngine
+) -> None:
+    """Serve until SIGTERM/SIGINT: NOT_SERVING until ready (start-up model loaded), SERVING."""
+    running, service = await start_worker(settings, device, engine, CollectorRegistry())
+    if settings.model_path is not None:
+        try:
+            await load_startup_model(service, settings)
+        except Exception as exc:
+            await running.stop(0)
+            raise StartupError(f"cannot load {settings.model_path}: {exc}") from exc
+    prepare_heap_for_serving()
+    await running.set_serving()
+    logger.info(
+        "worker serving on port %d (metrics port %s, engine %s, device %s, queue %d, catalog %s)",
+        running.port,
+        running.metrics_port,
+        settings.engine,
+        device,
+        settings.queue_size,
+        settings.catalog_address or "none",
+    )
+    await serve_until_signal(running, grace=settings.grace_seconds)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,7 +34,9 @@ class WorkerSettings(ServiceSettings):
     # RPCs end quickly; the grace only covers writing their last messages.
     grace_seconds: float = Field(default=5.0, ge=0)
 
-    engine: EngineName = "llama_cpp"
+    engine: EngineName = Field(
+        default="llama_cpp", description="llama_cpp (GGUF LLMs), diffusers (images) or fake."
+    )
     device: str = Field(default="cpu", description="cpu, cuda:N or mps.")
     queue_size: int = Field(
         default=8, ge=0, le=10_000, description="Requests that may wait behind the running one."
@@ -50,22 +52,34 @@ class WorkerSettings(ServiceSettings):
 
     # A model to load before SERVING (optional); `model_name` is its catalog name, reported by
     # GetWorker and checked against requests that name a model.
-    model_path: Path | None = None
-    model_name: str = ""
+    model_path: Path | None = Field(default=None, description="A model to load at start-up.")
+    model_name: str = Field(
+        default="", description="The start-up model's catalog name (`models/ID`)."
+    )
 
     # Load options for the start-up model (LoadModel requests carry their own).
-    context_length: int | None = Field(default=None, ge=1)
-    gpu_layers: int | None = Field(default=None, ge=-1)
-    threads: int | None = Field(default=None, ge=1)
-    batch_size: int | None = Field(default=None, ge=1)
-    ubatch_size: int | None = Field(default=None, ge=1)
-    kv_cache_type: KvCacheType = KvCacheType.F16
-    flash_attention: bool = False
-    use_mmap: bool = True
+    context_length: int | None = Field(
+        default=None, ge=1, description="Context length (default: the model's, capped)."
+    )
+    gpu_layers: int | None = Field(
+        default=None, ge=-1, description="Layers offloaded to the GPU; -1: all."
+    )
+    threads: int | None = Field(default=None, ge=1, description="CPU threads (default: cores).")
+    batch_size: int | None = Field(default=None, ge=1, description="llama.cpp n_batch.")
+    ubatch_size: int | None = Field(default=None, ge=1, description="llama.cpp n_ubatch.")
+    kv_cache_type: KvCacheType = Field(
+        default=KvCacheType.F16, description="KV cache type: f16, q8_0, q4_0, ..."
+    )
+    flash_attention: bool = Field(default=False, description="llama.cpp flash attention.")
+    use_mmap: bool = Field(default=True, description="Map the model file instead of reading it.")
     # Image (diffusers) load options for the start-up model.
     dtype: str | None = Field(default=None, description="float16, bfloat16 or float32.")
-    scheduler: str | None = None
-    attention_slicing: bool = False
+    scheduler: str | None = Field(
+        default=None, description="The image scheduler at load (default: the model's)."
+    )
+    attention_slicing: bool = Field(
+        default=False, description="Slice attention to save memory (slower)."
+    )
 
     @field_validator("device")
     @classmethod

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -225,3 +226,59 @@ def test_kill_9_at_random_points_then_resume(
     assert any(r.range for r in hub.cdn.requests)
     assert hub.cdn.body_bytes_sent() < 2.5 * data_size
     assert not list(cache.rglob("*.partial"))
+
+
+def test_ctrl_c_cancels_the_pull_it_started_and_the_same_command_resumes_it(
+    services: Services, hub: FakeHub, tmp_path: Path
+) -> None:
+    path = write_header_only_gguf(
+        tmp_path / "slow.Q4_K_M.gguf", **{**LLAMA3_8B, "n_layer": 1, "n_vocab": 4096, "n_ff": 2048}
+    )
+    size = path.stat().st_size
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    hub.add_repo("org/slow-GGUF", {"slow.Q4_K_M.gguf": path})
+    source = "hf:org/slow-GGUF:slow.Q4_K_M.gguf"
+    stall_at = size // 3
+    hub.cdn.faults.stall_after_bytes = stall_at  # the transfer hangs there (30 s) until cancelled
+    hub.cdn.faults.stall_seconds = 30.0
+    cache = tmp_path / "hf-cache"
+
+    cli = subprocess.Popen(
+        [RBEE, "pull", source],
+        env={**os.environ, **services.env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            sizes = [p.stat().st_size for p in cache.rglob("*.partial")]
+            if sizes and max(sizes) >= stall_at:
+                break
+            assert cli.poll() is None, cli.communicate()
+            time.sleep(0.02)
+        else:
+            raise AssertionError("the download never reached the stall")
+        cli.send_signal(signal.SIGINT)
+        out, err = cli.communicate(timeout=30)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait(timeout=10)
+    assert cli.returncode == 130, err
+    (pull,) = json.loads(services.rbee("pulls", "ls", "--format", "json").stdout)["pulls"]
+    pull_id = pull["name"].removeprefix("pulls/")
+    assert pull["state"] == "PULL_STATE_CANCELLED"
+    assert f"cancelled pulls/{pull_id}" in err
+    assert f"`rbee pulls resume {pull_id}`" in err and f"`rbee pull {source}`" in err
+    assert "Traceback" not in err and out == ""
+
+    again = services.rbee("pull", source)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith(f"pulled {pull['model']}: 1 file, ")
+    assert " reused) in " in again.stdout  # the bytes kept on disk were not fetched again
+    (stored,) = services.models()
+    assert stored.state == cpb.MODEL_STATE_READY and stored.sha256 == digest
+    listed = json.loads(services.rbee("pulls", "ls", "--format", "json").stdout)["pulls"]
+    assert [p["state"] for p in listed] == ["PULL_STATE_SUCCEEDED"]

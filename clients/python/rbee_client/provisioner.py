@@ -10,22 +10,26 @@
                 print("ready:", event.name)      # the catalog Model
 
 Unary calls carry a deadline (`timeout`, default 30 s). Pull streams have none by default (a
-pull may take hours); pass `timeout=` to bound one. Errors are typed (rbee_client.errors).
+pull may take hours); pass `timeout=` to bound one. Errors are typed (rbee_client.errors); only
+UNAVAILABLE is retried, and a stream never once it has yielded an event (rbee_client.calls).
+rbee_client.aio.ProvisionerClient has the same methods, awaited.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from types import TracebackType
+from typing import Any
 
 import grpc
 
+from rbee.common.v1 import device_pb2
 from rbee.provisioner.v1 import provisioner_pb2 as pb
 from rbee.provisioner.v1 import provisioner_pb2_grpc
-from rbee_client.errors import error_from_rpc
+from rbee_client.calls import DEFAULT_RETRY, DEFAULT_TIMEOUT, RetryPolicy, ServiceClient
 from services.catalog import convert as catalog_convert
-from services.catalog.domain import Model
+from services.catalog.domain import Install, Model
+from services.common.channels import ChannelSecurity
 
 STATE_NAMES = {
     value: name.removeprefix("PULL_STATE_").lower()
@@ -54,7 +58,8 @@ class PullUpdate:
     raw: pb.PullProgress
 
 
-def _update_from_pb(p: pb.PullProgress) -> PullUpdate:
+def pull_update_from_pb(p: pb.PullProgress) -> PullUpdate:
+    """The PullUpdate of a PullProgress message."""
     return PullUpdate(
         pull=p.pull,
         state=STATE_NAMES.get(p.state, "unknown"),
@@ -91,7 +96,8 @@ class PreloadUpdate:
     raw: pb.PreloadProgress
 
 
-def _preload_update_from_pb(p: pb.PreloadProgress) -> PreloadUpdate:
+def preload_update_from_pb(p: pb.PreloadProgress) -> PreloadUpdate:
+    """The PreloadUpdate of a PreloadProgress message."""
     return PreloadUpdate(
         model=p.model,
         file=p.file,
@@ -106,46 +112,74 @@ def _preload_update_from_pb(p: pb.PreloadProgress) -> PreloadUpdate:
     )
 
 
-class ProvisionerClient:
+def pull_event_from_pb(msg: pb.PullModelResponse) -> PullUpdate | Model:
+    """The event a PullModel, WatchPull or ResumePull response carries."""
+    if msg.HasField("model"):
+        return catalog_convert.model_from_pb(msg.model)
+    return pull_update_from_pb(msg.progress)
+
+
+def preload_event_from_pb(msg: pb.PreloadResponse) -> PreloadUpdate | pb.Preload:
+    """The event a Preload response carries."""
+    return msg.preload if msg.HasField("preload") else preload_update_from_pb(msg.progress)
+
+
+def install_event_from_pb(msg: pb.InstallWorkerResponse) -> pb.InstallProgress | Install:
+    """The event an InstallWorker or WatchInstallJob response carries."""
+    if msg.HasField("install"):
+        return catalog_convert.install_from_msg(msg.install)
+    return msg.progress
+
+
+def inspect_remote_request(
+    source: str,
+    *,
+    options: pb.PullOptions | None,
+    context_length: int,
+    devices: Sequence[device_pb2.Device],
+) -> pb.InspectRemoteRequest:
+    """An InspectRemoteRequest."""
+    return pb.InspectRemoteRequest(
+        source=source, options=options, context_length=context_length, devices=list(devices)
+    )
+
+
+def merge_preload_pages(merged: pb.ListPreloadsResponse, page: pb.ListPreloadsResponse) -> None:
+    """Add one page of ListPreloads to `merged` (the totals are the latest page's)."""
+    merged.preloads.extend(page.preloads)
+    merged.total_size = page.total_size
+    merged.budget_bytes = page.budget_bytes
+    merged.resident_bytes = page.resident_bytes
+    merged.evictions = page.evictions
+
+
+class ProvisionerClient(ServiceClient):
     """Typed, synchronous access to the provisioner (one channel; close it when done)."""
 
-    def __init__(self, address: str, *, timeout: float = 30.0) -> None:
-        self._channel = grpc.insecure_channel(address)
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        security: ChannelSecurity | None = None,
+        channel: grpc.Channel | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
+    ) -> None:
+        super().__init__(address, security=security, timeout=timeout, channel=channel, retry=retry)
         self._stub = provisioner_pb2_grpc.ProvisionerServiceStub(self._channel)
-        self._timeout = timeout
-
-    def close(self) -> None:
-        self._channel.close()
 
     @property
     def stub(self) -> provisioner_pb2_grpc.ProvisionerServiceStub:
-        """The raw stub, for calls this client does not wrap yet."""
+        """The raw stub, for calls this client does not wrap."""
         return self._stub
 
-    def __enter__(self) -> ProvisionerClient:
-        return self
+    # --- pulls ---------------------------------------------------------------------------------
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _stream(self, call: Iterator[pb.PullModelResponse]) -> Iterator[PullUpdate | Model]:
-        try:
-            for msg in call:
-                if msg.HasField("model"):
-                    yield catalog_convert.model_from_pb(msg.model)
-                else:
-                    yield _update_from_pb(msg.progress)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
-        finally:
-            cancel = getattr(call, "cancel", None)
-            if cancel is not None:
-                cancel()  # leaving early (Ctrl-C, break) tells the server this caller left
+    def _pull_stream(
+        self, method: Callable[..., Any], request: object, timeout: float | None
+    ) -> Iterator[PullUpdate | Model]:
+        for msg in self._stream(method, request, timeout):
+            yield pull_event_from_pb(msg)
 
     def pull(
         self,
@@ -155,67 +189,57 @@ class ProvisionerClient:
         pull_id: str = "",
         timeout: float | None = None,
     ) -> Iterator[PullUpdate | Model]:
-        """Pull a model: progress updates, then the catalog Model (READY)."""
+        """Pull a model: progress updates, then the catalog Model (READY). Leaving the iterator
+        early detaches this caller (the pull goes on unless cancelled)."""
         request = pb.PullModelRequest(source=source, options=options, pull_id=pull_id)
-        return self._stream(self._stub.PullModel(request, timeout=timeout))
+        return self._pull_stream(self._stub.PullModel, request, timeout)
 
     def watch(self, name: str, *, timeout: float | None = None) -> Iterator[PullUpdate | Model]:
-        return self._stream(self._stub.WatchPull(pb.WatchPullRequest(name=name), timeout=timeout))
+        """Follow a running pull (`pulls/ID`): its progress, then the Model."""
+        return self._pull_stream(self._stub.WatchPull, pb.WatchPullRequest(name=name), timeout)
 
     def resume(self, name: str, *, timeout: float | None = None) -> Iterator[PullUpdate | Model]:
-        return self._stream(self._stub.ResumePull(pb.ResumePullRequest(name=name), timeout=timeout))
+        """Resume a paused or failed pull from the bytes on disk."""
+        return self._pull_stream(self._stub.ResumePull, pb.ResumePullRequest(name=name), timeout)
 
     def get_pull(self, name: str) -> pb.Pull:
-        try:
-            pull: pb.Pull = self._stub.GetPull(pb.GetPullRequest(name=name), timeout=self._timeout)
-            return pull
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+        """One pull (`pulls/ID`)."""
+        pull: pb.Pull = self._unary(self._stub.GetPull, pb.GetPullRequest(name=name))
+        return pull
 
     def list_pulls(self, *, filter: str = "", page_size: int = 0) -> list[pb.Pull]:
+        """Every pull (all pages)."""
         pulls: list[pb.Pull] = []
         token = ""
-        try:
-            while True:
-                response = self._stub.ListPulls(
-                    pb.ListPullsRequest(filter=filter, page_size=page_size, page_token=token),
-                    timeout=self._timeout,
-                )
-                pulls.extend(response.pulls)
-                token = response.next_page_token
-                if not token:
-                    return pulls
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+        while True:
+            response: pb.ListPullsResponse = self._unary(
+                self._stub.ListPulls,
+                pb.ListPullsRequest(filter=filter, page_size=page_size, page_token=token),
+            )
+            pulls.extend(response.pulls)
+            token = response.next_page_token
+            if not token:
+                return pulls
 
     def cancel_pull(self, name: str, *, discard_partial: bool = False) -> pb.Pull:
-        try:
-            pull: pb.Pull = self._stub.CancelPull(
-                pb.CancelPullRequest(name=name, discard_partial=discard_partial),
-                timeout=self._timeout,
-            )
-            return pull
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+        """Stop a pull (the bytes stay for a resume unless `discard_partial`)."""
+        pull: pb.Pull = self._unary(
+            self._stub.CancelPull, pb.CancelPullRequest(name=name, discard_partial=discard_partial)
+        )
+        return pull
 
     def delete_pull(self, name: str, *, force: bool = False) -> None:
-        try:
-            self._stub.DeletePull(
-                pb.DeletePullRequest(name=name, force=force), timeout=self._timeout
-            )
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+        """Forget a finished pull (`force`: cancel a running one first)."""
+        self._unary(self._stub.DeletePull, pb.DeletePullRequest(name=name, force=force))
 
     def resolve(
         self, source: str, *, options: pb.PullOptions | None = None
     ) -> pb.ResolveSourceResponse:
-        try:
-            response: pb.ResolveSourceResponse = self._stub.ResolveSource(
-                pb.ResolveSourceRequest(source=source, options=options), timeout=self._timeout
-            )
-            return response
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+        """What a pull of `source` would fetch (files, sizes), without fetching it."""
+        response: pb.ResolveSourceResponse = self._unary(
+            self._stub.ResolveSource, pb.ResolveSourceRequest(source=source, options=options)
+        )
+        return response
 
     def inspect_remote(
         self,
@@ -223,30 +247,88 @@ class ProvisionerClient:
         *,
         options: pb.PullOptions | None = None,
         context_length: int = 0,
-        devices: Sequence[object] = (),
+        devices: Sequence[device_pb2.Device] = (),
     ) -> pb.InspectRemoteResponse:
-        try:
-            response: pb.InspectRemoteResponse = self._stub.InspectRemote(
-                pb.InspectRemoteRequest(
-                    source=source,
-                    options=options,
-                    context_length=context_length,
-                    devices=list(devices),  # type: ignore[arg-type]
-                ),
-                timeout=self._timeout,
-            )
-            return response
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+        """A remote model's metadata and compatibility, read from its header before download."""
+        request = inspect_remote_request(
+            source, options=options, context_length=context_length, devices=devices
+        )
+        response: pb.InspectRemoteResponse = self._unary(self._stub.InspectRemote, request)
+        return response
 
     def search(self, request: pb.SearchModelsRequest) -> pb.SearchModelsResponse:
-        try:
-            response: pb.SearchModelsResponse = self._stub.SearchModels(
-                request, timeout=self._timeout
+        """Search the model hubs."""
+        response: pb.SearchModelsResponse = self._unary(self._stub.SearchModels, request)
+        return response
+
+    # --- installs and recipes ------------------------------------------------------------------
+
+    def install_worker(
+        self,
+        worker_type: str,
+        *,
+        options: pb.InstallOptions | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[pb.InstallProgress | Install]:
+        """Build and install a worker type's backend: InstallProgress (with log lines), then
+        the catalog Install."""
+        request = pb.InstallWorkerRequest(worker_type=worker_type, options=options)
+        for msg in self._stream(self._stub.InstallWorker, request, timeout):
+            yield install_event_from_pb(msg)
+
+    def get_install_job(self, name: str) -> pb.InstallJob:
+        """One install job (`installJobs/ID`)."""
+        job: pb.InstallJob = self._unary(
+            self._stub.GetInstallJob, pb.GetInstallJobRequest(name=name)
+        )
+        return job
+
+    def list_install_jobs(self, *, filter: str = "") -> list[pb.InstallJob]:
+        """Every install job (all pages)."""
+        jobs: list[pb.InstallJob] = []
+        token = ""
+        while True:
+            response: pb.ListInstallJobsResponse = self._unary(
+                self._stub.ListInstallJobs,
+                pb.ListInstallJobsRequest(filter=filter, page_token=token),
             )
-            return response
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            jobs.extend(response.install_jobs)
+            token = response.next_page_token
+            if not token:
+                return jobs
+
+    def watch_install_job(
+        self, name: str, *, timeout: float | None = None
+    ) -> Iterator[pb.InstallProgress | Install]:
+        """Follow a running install job: its progress, then the Install."""
+        request = pb.WatchInstallJobRequest(name=name)
+        for msg in self._stream(self._stub.WatchInstallJob, request, timeout):
+            yield install_event_from_pb(msg)
+
+    def cancel_install_job(self, name: str) -> pb.InstallJob:
+        """Stop a running install job."""
+        job: pb.InstallJob = self._unary(
+            self._stub.CancelInstallJob, pb.CancelInstallJobRequest(name=name)
+        )
+        return job
+
+    def get_recipe(self, name: str) -> pb.Recipe:
+        """One recipe (`recipes/ID`)."""
+        recipe: pb.Recipe = self._unary(self._stub.GetRecipe, pb.GetRecipeRequest(name=name))
+        return recipe
+
+    def list_recipes(self, *, filter: str = "") -> list[pb.Recipe]:
+        """Every recipe the provisioner can run (all pages)."""
+        recipes: list[pb.Recipe] = []
+        token = ""
+        while True:
+            response: pb.ListRecipesResponse = self._unary(
+                self._stub.ListRecipes, pb.ListRecipesRequest(filter=filter, page_token=token)
+            )
+            recipes.extend(response.recipes)
+            token = response.next_page_token
+            if not token:
+                return recipes
 
     # --- preloads ------------------------------------------------------------------------------
 
@@ -255,55 +337,32 @@ class ProvisionerClient:
     ) -> Generator[PreloadUpdate | pb.Preload, None, None]:
         """Warm `models/{id}` into the page cache: progress updates, then the pb.Preload with
         the residency measured at the end. Leaving the iterator early stops the read."""
-        call = self._stub.Preload(pb.PreloadRequest(model=model, pin=pin), timeout=timeout)
-        try:
-            for msg in call:
-                if msg.HasField("preload"):
-                    yield msg.preload
-                else:
-                    yield _preload_update_from_pb(msg.progress)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
-        finally:
-            call.cancel()  # leaving early (Ctrl-C, break) stops the server's read
+        request = pb.PreloadRequest(model=model, pin=pin)
+        for msg in self._stream(self._stub.Preload, request, timeout):
+            yield preload_event_from_pb(msg)
 
     def get_preload(self, name: str) -> pb.Preload:
         """A preload (`preloads/{id}`) with its residency measured now."""
-        try:
-            preload: pb.Preload = self._stub.GetPreload(
-                pb.GetPreloadRequest(name=name), timeout=self._timeout
-            )
-            return preload
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+        preload: pb.Preload = self._unary(self._stub.GetPreload, pb.GetPreloadRequest(name=name))
+        return preload
 
     def list_preloads(self, *, page_size: int = 0) -> pb.ListPreloadsResponse:
         """Every preload, most recently used first (all pages), with the budget and totals."""
         merged = pb.ListPreloadsResponse()
         token = ""
-        try:
-            while True:
-                response = self._stub.ListPreloads(
-                    pb.ListPreloadsRequest(page_size=page_size, page_token=token),
-                    timeout=self._timeout,
-                )
-                merged.preloads.extend(response.preloads)
-                merged.total_size = response.total_size
-                merged.budget_bytes = response.budget_bytes
-                merged.resident_bytes = response.resident_bytes
-                merged.evictions = response.evictions
-                token = response.next_page_token
-                if not token:
-                    return merged
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+        while True:
+            response: pb.ListPreloadsResponse = self._unary(
+                self._stub.ListPreloads,
+                pb.ListPreloadsRequest(page_size=page_size, page_token=token),
+            )
+            merge_preload_pages(merged, response)
+            token = response.next_page_token
+            if not token:
+                return merged
 
     def delete_preload(self, name: str, *, allow_missing: bool = False) -> None:
         """Evict a preload from the page cache (DONTNEED) and stop tracking it."""
-        try:
-            self._stub.DeletePreload(
-                pb.DeletePreloadRequest(name=name, allow_missing=allow_missing),
-                timeout=self._timeout,
-            )
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+        self._unary(
+            self._stub.DeletePreload,
+            pb.DeletePreloadRequest(name=name, allow_missing=allow_missing),
+        )

@@ -20,6 +20,7 @@ from services.common.server import (
     serve_until_signal,
     start_server,
 )
+from services.common.settings import SettingsError, load_settings
 from services.worker.pool.devices import detect_devices
 from services.worker.pool.metrics import PoolMetrics
 from services.worker.pool.provisioner_link import ProvisionerLink
@@ -29,15 +30,20 @@ from services.worker.pool.settings import PoolSettings
 
 logger = logging.getLogger("services.worker.pool")
 
+EXIT_USAGE = 2
+
 
 async def start_pool(
     settings: PoolSettings, registry: CollectorRegistry
 ) -> tuple[RunningServer, PoolService]:
     """Bind the server (NOT_SERVING) and return; the caller sets SERVING. Stopping the server
     stops every worker first (they would die with the pool anyway)."""
-    catalog = GrpcCatalogLink(settings.catalog_address)
+    security = settings.client_security()
+    catalog = GrpcCatalogLink(settings.catalog_address, security=security)
     provisioner = (
-        ProvisionerLink(settings.provisioner_address) if settings.provisioner_address else None
+        ProvisionerLink(settings.provisioner_address, security=security)
+        if settings.provisioner_address
+        else None
     )
     service = PoolService(
         catalog=catalog,
@@ -55,6 +61,7 @@ async def start_pool(
         listen=settings.listen,
         metrics_listen=settings.metrics_listen,
         registry=registry,
+        security=settings.server_security(),
     )
 
     async def stop_workers_when_stopping() -> None:
@@ -90,7 +97,11 @@ async def run(settings: PoolSettings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = PoolSettings()
+    try:
+        settings = load_settings(PoolSettings)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     configure_logging(settings.log_level, settings.log_format)
     log_settings(logger, settings)
     asyncio.run(run(settings))

@@ -94,15 +94,37 @@ def device_to_pb(
     return msg
 
 
+# google.protobuf.Duration's documented range: about +-10,000 years.
+MAX_DURATION_SECONDS = 315_576_000_000
+
+
+def duration_seconds_from_pb(msg: Duration, field_name: str) -> float:
+    """A Duration in seconds; InvalidArgument when it is outside the type's documented range or
+    its nanos disagree with its seconds (ToTimedelta raises a bare OverflowError there)."""
+    seconds, nanos = msg.seconds, msg.nanos
+    if (
+        abs(seconds) > MAX_DURATION_SECONDS
+        or abs(nanos) > 999_999_999
+        or (seconds > 0 and nanos < 0)
+        or (seconds < 0 and nanos > 0)
+    ):
+        raise InvalidArgument.for_field(
+            field_name, f"not a valid duration (at most {MAX_DURATION_SECONDS} seconds)"
+        )
+    return seconds + nanos / 1e9
+
+
 def restart_policy_from_pb(msg: wpb.RestartPolicy) -> RestartPolicy:
     mode = RestartMode.ON_FAILURE if msg.mode == wpb.RESTART_MODE_ON_FAILURE else RestartMode.NEVER
     policy = RestartPolicy(mode=mode)
     if msg.max_restarts:
         policy.max_restarts = msg.max_restarts
     if msg.HasField("initial_backoff"):
-        policy.initial_backoff = msg.initial_backoff.ToTimedelta().total_seconds()
+        policy.initial_backoff = duration_seconds_from_pb(
+            msg.initial_backoff, "restart_policy.initial_backoff"
+        )
     if msg.HasField("max_backoff"):
-        policy.max_backoff = msg.max_backoff.ToTimedelta().total_seconds()
+        policy.max_backoff = duration_seconds_from_pb(msg.max_backoff, "restart_policy.max_backoff")
     if policy.initial_backoff < 0 or policy.max_backoff < 0:
         raise InvalidArgument.for_field("restart_policy", "backoffs must not be negative")
     return policy

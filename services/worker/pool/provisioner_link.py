@@ -11,15 +11,17 @@ from rbee.provisioner.v1 import provisioner_pb2_grpc
 from rbee_client.errors import error_from_rpc
 from services.catalog import convert as catalog_convert
 from services.catalog.domain import Install
+from services.common.channels import ChannelSecurity, open_aio_channel
 from services.common.errors import RbeeError, Unavailable, error_for_status
 
 
 class ProvisionerLink:
     """One aio channel to the provisioner for the pool's life."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, *, security: ChannelSecurity | None = None) -> None:
+        """`security`: the pool's token and TLS (settings.client_security()); None: plaintext."""
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = open_aio_channel(address, security)
         self._stub = provisioner_pb2_grpc.ProvisionerServiceStub(self._channel)
 
     async def close(self) -> None:

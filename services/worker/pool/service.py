@@ -48,6 +48,7 @@ from services.catalog.pagination import (
     new_secret,
     page_in_memory,
 )
+from services.common.channels import ChannelSecurity
 from services.common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -102,7 +103,10 @@ class PoolConfig:
     default_queue: int = 8
     start_timeout_base: float = 60.0  # seconds, plus the model's size over the rate below
     start_read_rate: float = 100e6  # bytes per second assumed for the load deadline
-    worker_env: dict[str, str] = field(default_factory=dict)
+    # May hold the mesh token (RBEE_WORKER_AUTH_TOKEN): kept out of the repr.
+    worker_env: dict[str, str] = field(default_factory=dict, repr=False)
+    # How the pool calls its workers: its own token and TLS (settings.client_security()).
+    worker_security: ChannelSecurity | None = None
 
 
 @dataclass(frozen=True)
@@ -567,7 +571,7 @@ class PoolService:
         managed.monitor = asyncio.get_running_loop().create_task(
             self._watch_exit(managed), name=f"watch:{record.id}"
         )
-        managed.link = WorkerLink(record.endpoint)
+        managed.link = WorkerLink(record.endpoint, security=self._config.worker_security)
         timeout = (
             self._config.start_timeout_base + record.model_size_bytes / self._config.start_read_rate
         )

@@ -73,7 +73,11 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
         )
 
     async def StopWorker(self, request: pb.StopWorkerRequest, context: Context) -> wpb.Worker:
-        grace = request.grace.ToTimedelta().total_seconds() if request.HasField("grace") else None
+        grace = (
+            convert.duration_seconds_from_pb(request.grace, "grace")
+            if request.HasField("grace")
+            else None
+        )
         if grace is not None and grace < 0:
             raise InvalidArgument.for_field("grace", "must not be negative")
         record = await self._service.stop(request.name, grace=grace, force=request.force)
@@ -101,7 +105,9 @@ class PoolServicer(pool_pb2_grpc.PoolServiceServicer):
         self, request: pb.GetWorkerLogsRequest, context: Context
     ) -> AsyncIterator[pb.GetWorkerLogsResponse]:
         since = (
-            catalog_convert.timestamp_from_pb(request.since) if request.HasField("since") else None
+            catalog_convert.timestamp_from_pb(request.since, field_name="since")
+            if request.HasField("since")
+            else None
         )
         stream = await self._service.logs(
             request.name,

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rbee.worker.v1 import load_pb2, worker_pb2_grpc
 from rbee.worker.v1 import worker_pb2 as pb
 from rbee_client.errors import error_from_rpc
+from services.common.channels import ChannelSecurity, open_aio_channel
 from services.common.errors import RbeeError, Unavailable, error_for_status
 from services.common.settings import FAST_RECONNECT_OPTIONS
 from services.worker.pool.domain import LiveStatus, PoolWorkerState
@@ -71,9 +72,13 @@ def live_from_pb(msg: pb.Worker) -> LiveStatus:
 class WorkerLink:
     """One channel to one worker process."""
 
-    def __init__(self, endpoint: str, *, deadline: float = 10.0) -> None:
+    def __init__(
+        self, endpoint: str, *, deadline: float = 10.0, security: ChannelSecurity | None = None
+    ) -> None:
+        """`security`: the pool's token and TLS (settings.client_security()), which the pool
+        also hands to the workers it spawns; None: plaintext, no token."""
         self.endpoint = endpoint
-        self._channel = grpc.aio.insecure_channel(endpoint, options=FAST_RECONNECT_OPTIONS)
+        self._channel = open_aio_channel(endpoint, security, options=FAST_RECONNECT_OPTIONS)
         self._stub = worker_pb2_grpc.WorkerServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._deadline = deadline

@@ -1,9 +1,13 @@
-"""`rbee install TYPE` and `rbee recipes ls`: worker backends built from recipes."""
+"""`rbee install TYPE` and `rbee recipes ls`: worker backends built from recipes.
+
+`rbee install` shows each phase as a line, the source fetch as a bar on a terminal (a line
+elsewhere: cli/progress.py), the build output with `-v`, then `installed ...` on stdout.
+`--format json` prints every event as one JSON line.
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 import grpc
@@ -11,6 +15,7 @@ from google.protobuf import json_format
 
 from rbee.provisioner.v1 import provisioner_pb2 as pb
 from rbee_client.cli.output import print_json, print_table
+from rbee_client.cli.progress import ByteCount, ProgressDisplay, progress_display
 from rbee_client.errors import error_from_rpc
 
 _STATES: dict[int, str] = {
@@ -19,9 +24,10 @@ _STATES: dict[int, str] = {
 
 
 def _client(args: argparse.Namespace) -> Any:
+    from rbee_client.cli.main import client_security
     from rbee_client.provisioner import ProvisionerClient
 
-    return ProvisionerClient(args.provisioner, timeout=args.timeout)
+    return ProvisionerClient(args.provisioner, security=client_security(), timeout=args.timeout)
 
 
 def cmd_install(args: argparse.Namespace) -> int:
@@ -34,23 +40,47 @@ def cmd_install(args: argparse.Namespace) -> int:
             force=args.force, validate_only=args.dry_run, recipe=args.recipe or ""
         ),
     )
-    with _client(args) as client:
+    with _client(args) as client, progress_display(args.format) as display:
+        last_note = ""
         try:
             for msg in client.stub.InstallWorker(request, timeout=args.build_timeout):
                 if args.format == "json":
                     print(json_format.MessageToJson(msg, indent=None), flush=True)
                 elif msg.HasField("install"):
+                    display.close()
                     print(f"installed {msg.install.name} at {msg.install.path}")
                 else:
-                    p = msg.progress
-                    if p.message:
-                        print(f"{_STATES.get(p.state, '?')}: {p.message}", file=sys.stderr)
-                    if args.verbose:
-                        for line in p.log_lines:
-                            print(f"  {line.text}", file=sys.stderr)
+                    last_note = _show_install_progress(display, msg.progress, last_note, args)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
     return 0
+
+
+def _show_install_progress(
+    display: ProgressDisplay, p: pb.InstallProgress, last_note: str, args: argparse.Namespace
+) -> str:
+    """A phase message as a line (once), the fetch bytes as a bar, the build log with -v."""
+    state = _STATES.get(p.state, "?")
+    note = f"{state}: {p.message}" if p.message else ""
+    if note and note != last_note:
+        display.note(note)
+    fetch = p.fetch_bytes
+    if state == "fetching" and (fetch.completed_bytes or fetch.total_bytes):
+        eta = fetch.eta.ToTimedelta().total_seconds() if fetch.HasField("eta") else None
+        counts = ByteCount(
+            fetch.completed_bytes,
+            fetch.total_bytes or None,
+            fetch.bytes_per_second,
+            eta,
+            fetch.reused_bytes,
+        )
+        display.transfer("fetch", "fetching sources", counts)
+    elif state != "fetching":
+        display.complete("fetch")
+    if args.verbose:
+        for line in p.log_lines:
+            display.note(f"  {line.text}")
+    return note or last_note
 
 
 def cmd_recipes_ls(args: argparse.Namespace) -> int:

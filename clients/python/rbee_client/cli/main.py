@@ -1,9 +1,17 @@
-"""The `rbee` command line.
+"""The `rbee` command line (the tour: docs/CLI.md).
 
-Exit codes: 0 success; 1 the operation failed (bad file, not found, refused...); 2 usage error;
-3 a service could not be reached; 130 interrupted. Errors are one line on stderr with a hint
-(the traceback only with RBEE_DEBUG=1); with `--format json` an `{"error": {...}}` object is
-also printed on stdout.
+Output: data on stdout, messages and progress on stderr; `--format json` on every command that
+prints data; NO_COLOR (any non-empty value) turns off every colour and style (cli/output.py).
+Errors are one line on stderr with a hint (the traceback only with RBEE_DEBUG=1); with
+`--format json` an `{"error": {...}}` object is also printed on stdout.
+
+Exit codes (this is the one list: `rbee --help` prints EXIT_CODES_HELP, docs/CLI.md repeats it):
+  0    success (`rbee status`: every service serving)
+  1    the operation failed: bad file, not found, refused, failed pull (`rbee status`: a service
+       answered but is not serving)
+  2    usage error: unknown command or option, missing argument
+  3    a service could not be reached (`rbee status`: any service or worker unreachable)
+  130  interrupted (Ctrl-C); `rbee pull` cancels the pull it started and says how to resume
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rbee_client.cli.chart import CHART_FORMATS, add_chart_arguments, cmd_compat_chart
 from rbee_client.cli.output import (
     human_bytes,
     human_count,
@@ -26,12 +35,22 @@ from rbee_client.cli.output import (
     stderr_console,
 )
 from rbee_client.errors import RbeeClientError, ServiceUnavailableError
+from services.common.channels import ChannelSecurity
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_INTERRUPTED = 130
+
+EXIT_CODES_HELP = """exit codes:
+  0    success (rbee status: every service serving)
+  1    the operation failed (rbee status: a service answered but is not serving)
+  2    usage error
+  3    a service could not be reached (rbee status: any service or worker unreachable)
+  130  interrupted (Ctrl-C; rbee pull cancels the pull it started and says how to resume)
+
+NO_COLOR=1 turns colours off; RBEE_DEBUG=1 prints tracebacks. The tour: docs/CLI.md."""
 
 DEFAULT_CATALOG = "127.0.0.1:50061"
 
@@ -78,6 +97,17 @@ class CliError(Exception):
         self.hint = hint
         self.code = code
         self.reason = reason
+
+
+def client_security() -> ChannelSecurity:
+    """Token and TLS for every client the CLI opens: RBEE_TOKEN and RBEE_TLS_* (see
+    services.common.channels). A half-configured mutual TLS is a usage error."""
+    try:
+        return ChannelSecurity.from_env()
+    except ValueError as exc:
+        raise CliError(
+            str(exc), hint="set both RBEE_TLS_CERT and RBEE_TLS_KEY", code=EXIT_USAGE
+        ) from None
 
 
 # ---- models inspect (local, no service) ------------------------------------------------------
@@ -152,7 +182,7 @@ def _inspect_hint(reason: str) -> str:
 def _catalog(args: argparse.Namespace) -> Any:
     from rbee_client.catalog import CatalogClient
 
-    return CatalogClient(args.catalog, timeout=args.timeout)
+    return CatalogClient(args.catalog, security=client_security(), timeout=args.timeout)
 
 
 def _model_row(m: Any) -> tuple[Any, ...]:
@@ -257,7 +287,15 @@ def _device_from_args(args: argparse.Namespace) -> Any:
 
 
 def cmd_compat(args: argparse.Namespace) -> int:
+    if args.chart:
+        return cmd_compat_chart(args)
+    if args.format == "markdown":
+        raise CliError("--format markdown renders the chart", hint="add --chart", code=EXIT_USAGE)
+    from rbee_client.cli.pull import is_remote_source
+
     device = _device_from_args(args)
+    if args.model and not args.matrix and is_remote_source(args.model):
+        return cmd_compat_remote(args, device)
     with _catalog(args) as client:
         if args.matrix:
             rows = client.compatibility_matrix(device=device, context_length=args.ctx)
@@ -296,6 +334,12 @@ def cmd_compat(args: argparse.Namespace) -> int:
     if args.format == "json":
         print_json({"context_length": ctx, "results": [r.model_dump(mode="json") for r in results]})
         return EXIT_OK
+    _print_results(results, title=f"context {ctx} tokens" if ctx else "")
+    return EXIT_OK
+
+
+def _print_results(results: Sequence[Any], *, title: str) -> None:
+    """A verdict per worker type with the memory numbers, then the reasons."""
     print_table(
         ("WORKER TYPE", "VERDICT", "WEIGHTS", "KV CACHE", "RAM", "VRAM", "GPU LAYERS"),
         [
@@ -312,9 +356,100 @@ def cmd_compat(args: argparse.Namespace) -> int:
             )
             for r in results
         ],
-        title=f"context {ctx} tokens" if ctx else "",
+        title=title,
     )
     print_reasons([(r.worker_type, r.reasons) for r in results])
+
+
+def _reevaluate(args: argparse.Namespace, metadata: Any, device: Any) -> tuple[list[Any], int]:
+    """The catalog's EvaluateCompatibility on inline metadata (an unregistered model), for the
+    options InspectRemote does not take (KV cache type, worker types)."""
+    import grpc
+
+    from rbee.catalog.v1 import catalog_pb2_grpc
+    from rbee_client.catalog import compatibility_request
+    from rbee_client.errors import error_from_rpc
+    from services.catalog import convert
+    from services.common.channels import open_channel
+
+    request = compatibility_request(
+        "placeholder",
+        worker_types=args.worker_type or (),
+        device=device,
+        context_length=args.ctx,
+        kv_cache_type=args.kv_type,
+    )
+    request.metadata.CopyFrom(convert.metadata_to_pb(metadata))  # the oneof drops `model`
+    with open_channel(args.catalog, client_security()) as channel:
+        try:
+            resp = catalog_pb2_grpc.CatalogServiceStub(channel).EvaluateCompatibility(
+                request, timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+    return [convert.compat_result_from_pb(r) for r in resp.results], int(resp.context_length_used)
+
+
+def cmd_compat_remote(args: argparse.Namespace, device: Any) -> int:
+    """`rbee compat SOURCE`: the header only (InspectRemote), then the verdicts per device."""
+    from rbee_client.cli.pull import best_verdict, inspect_remote_source
+    from rbee_client.provisioner import ProvisionerClient
+
+    with ProvisionerClient(
+        args.provisioner, security=client_security(), timeout=args.timeout
+    ) as client:
+        report = inspect_remote_source(
+            client,
+            args.model,
+            devices=[device] if device is not None else (),
+            context_length=args.ctx or 0,
+        )
+    sections: list[tuple[str, list[Any], int]] = []
+    for dev, inspected in report.devices:
+        results = inspected
+        ctx = results[0].memory.context_length if results and results[0].memory else 0
+        if args.kv_type != "f16" or args.worker_type:
+            results, ctx = _reevaluate(args, report.metadata, dev)
+        sections.append((dev.name or dev.kind.value, results, ctx))
+    badge, _, _ = best_verdict(report)
+    md = report.metadata
+    if args.format == "json":
+        print_json(
+            {
+                "source": report.source,
+                "files": report.files,
+                "bytes_read": report.bytes_read,
+                "metadata": md.model_dump(mode="json"),
+                "summary": badge,
+                "devices": [
+                    {
+                        "device": name,
+                        "context_length": ctx,
+                        "results": [r.model_dump(mode="json") for r in results],
+                    }
+                    for name, results, ctx in sections
+                ],
+            }
+        )
+        return EXIT_OK
+    print_fields(
+        {
+            "source": report.source,
+            "files": report.files,
+            "format": md.format.value,
+            "model_type": md.model_type.value,
+            "architecture": md.architecture or md.family,
+            "quantization": md.quantization,
+            "parameter_count": human_count(md.parameter_count),
+            "context_length": md.context_length,
+            "weights": human_bytes(md.weights.total_bytes) if md.weights else None,
+            "header_bytes_read": human_bytes(report.bytes_read),
+            "this hive": badge,
+        }
+    )
+    for name, results, ctx in sections:
+        title = f"device {name}" + (f", context {ctx} tokens" if ctx else "")
+        _print_results(results, title=title)
     return EXIT_OK
 
 
@@ -399,20 +534,28 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 24GiB)") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _common_parent(formats: Sequence[str]) -> argparse.ArgumentParser:
+    """The flags every command takes. A command with more output formats (`compat --chart`
+    renders markdown) gets its own parent: argparse parents share their action objects."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--format", choices=("human", "json"), default="human", help="output format"
-    )
+    common.add_argument("--format", choices=tuple(formats), default="human", help="output format")
     common.add_argument(
         "--catalog",
         default=os.environ.get("RBEE_CATALOG_ADDR", DEFAULT_CATALOG),
         help="catalog address host:port (env RBEE_CATALOG_ADDR)",
     )
     common.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_parent(("human", "json"))
 
     parser = argparse.ArgumentParser(
-        prog="rbee", description="rbee mesh: local AI models, one host or a fleet"
+        prog="rbee",
+        description="rbee mesh: local AI models, one host or a fleet",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -442,10 +585,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="even when a worker uses it")
     p.set_defaults(func=cmd_models_rm)
 
+    from rbee_client.cli.pull import add_provisioner_argument
+
     p = sub.add_parser(
-        "compat", parents=[common], help="which worker types can run a model, and whether it fits"
+        "compat",
+        parents=[_common_parent(CHART_FORMATS)],
+        help="which worker types can run a model, and whether it fits; --chart: the chart",
     )
-    p.add_argument("model", nargs="?", help="models/ID or ID")
+    p.add_argument(
+        "model",
+        nargs="?",
+        help="models/ID or ID; or a remote SOURCE (hf:ORG/REPO[:FILE], ORG/REPO, civitai:ID, "
+        "https://...), inspected by its header before any download",
+    )
     p.add_argument("--matrix", action="store_true", help="every model x every worker type")
     p.add_argument("--worker-type", action="append", help="limit to these worker types")
     p.add_argument(
@@ -457,6 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--ctx", type=int, default=None, help="context length (default: min(model, 8192))"
     )
     p.add_argument("--kv-type", default="f16", help="KV cache type: f16, q8_0, q4_0, ...")
+    add_provisioner_argument(p)  # a remote SOURCE is inspected by the provisioner
+    add_chart_arguments(p)
     p.set_defaults(func=cmd_compat)
 
     workers = sub.add_parser("workers", help="workers and worker types").add_subparsers(
@@ -474,9 +628,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_provisioner_commands(sub, common)
 
+    from rbee_client.cli.status import add_commands as add_status_commands
+
+    add_status_commands(sub)
+
     from rbee_client.cli.mesh import add_commands as add_mesh_commands
 
     add_mesh_commands(sub)
+
+    from rbee_client.cli.chat import add_commands as add_generation_commands
+
+    add_generation_commands(sub, common)
+
+    from rbee_client.cli.config import add_commands as add_config_commands
+
+    add_config_commands(sub)
 
     p = sub.add_parser("serve", help="run a service in the foreground")
     p.add_argument("service", choices=("catalog", "provisioner", "pool"))
@@ -485,6 +651,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _unreachable_hint(args: argparse.Namespace) -> str:
+    from rbee_client.cli.pull import is_remote_source
+
+    if getattr(args, "func", None) is cmd_compat and not is_remote_source(args.model or ""):
+        return (
+            f"is the catalog running? start it with `rbee serve catalog` (address {args.catalog})"
+        )
     if hasattr(args, "pool"):
         return f"is the pool running? start it with `rbee serve pool` (address {args.pool})"
     if hasattr(args, "provisioner"):

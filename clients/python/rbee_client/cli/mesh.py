@@ -11,6 +11,12 @@ Ports: the documented defaults (catalog 50061, provisioner 50081, pool 50091; me
 9481, 9491), so every client finds the mesh with no flags. `--base-port N` moves them to N, N+1,
 N+2 (metrics off); then point clients at them (RBEE_CATALOG_ADDR, RBEE_PROVISIONER_ADDR,
 RBEE_POOL_ADDR, printed by `rbee up`).
+
+Access: the services read the hive-wide access variables (RBEE_AUTH_TOKEN_FILE or
+RBEE_AUTH_TOKEN, RBEE_TLS_CERT_FILE, ...; services.common.settings) from the environment `rbee
+up` runs in, and `rbee up` probes their health the way they call one another (the same token,
+CA and certificate), so the gating works with auth and TLS on. Clients then need RBEE_TOKEN (and
+RBEE_TLS_CA ...).
 """
 
 from __future__ import annotations
@@ -30,7 +36,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.settings import DEFAULT_HOME, FAST_RECONNECT_OPTIONS
+from services.common.channels import ChannelSecurity, open_channel
+from services.common.settings import (
+    DEFAULT_HOME,
+    FAST_RECONNECT_OPTIONS,
+    ServiceSettings,
+    SettingsError,
+    load_settings,
+)
 
 DEFAULT_PORTS = {"catalog": (50061, 9461), "provisioner": (50081, 9481), "pool": (50091, 9491)}
 START_TIMEOUT = 60.0
@@ -72,9 +85,20 @@ def environment(services: list[Service], home: Path) -> dict[str, str]:
     return env
 
 
-def wait_serving(service: Service, process: subprocess.Popen[bytes], log: Path) -> None:
+def probe_security() -> ChannelSecurity:
+    """How the services call one another, from the environment they start in (token, CA,
+    certificate): `rbee up` probes their health with it. SettingsError when misconfigured."""
+    return load_settings(ServiceSettings).client_security()
+
+
+def wait_serving(
+    service: Service,
+    process: subprocess.Popen[bytes],
+    log: Path,
+    security: ChannelSecurity | None = None,
+) -> None:
     deadline = time.monotonic() + START_TIMEOUT
-    with grpc.insecure_channel(service.address, options=FAST_RECONNECT_OPTIONS) as channel:
+    with open_channel(service.address, security, options=FAST_RECONNECT_OPTIONS) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -127,7 +151,7 @@ def _reap(pid: int) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from rbee_client.cli.main import EXIT_INTERRUPTED, CliError
+    from rbee_client.cli.main import EXIT_INTERRUPTED, EXIT_USAGE, CliError
 
     home = Path(args.home or os.environ.get("RBEE_HOME") or DEFAULT_HOME).expanduser()
     home.mkdir(parents=True, exist_ok=True)
@@ -136,6 +160,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise CliError(
             f"a mesh recorded in {state} is still running", hint="stop it with `rbee down`"
         )
+    try:
+        security = probe_security()  # before anything starts: a bad setting is one line
+    except SettingsError as exc:
+        raise CliError(
+            str(exc), code=EXIT_USAGE, hint="check the RBEE_AUTH_* and RBEE_TLS_* variables"
+        ) from None
     services = plan(args.base_port)
     env = {**os.environ, **environment(services, home)}
     logs = home / "logs"
@@ -155,7 +185,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             )
             started.append((service, process))
             records.append({"name": service.name, "pid": process.pid, "command": service.command})
-            wait_serving(service, process, log)
+            wait_serving(service, process, log, security)
             print(f"{service.name:<12} {service.address}", flush=True)
     except (RuntimeError, OSError) as exc:
         _stop(records)

@@ -1,4 +1,10 @@
-"""How the CLI prints: data on stdout, messages on stderr; `--format human|json`; NO_COLOR."""
+"""How the CLI prints: data on stdout, messages on stderr; `--format human|json`; NO_COLOR.
+
+Every rich Console of the CLI is built here (`make_console`), so one place decides colour:
+with NO_COLOR set (to anything but "") nothing is styled at all: no colour and no bold, not
+even on a forced terminal (FORCE_COLOR, TTY_COMPATIBLE=1). The live progress display
+(cli/progress.py) still redraws its lines on a terminal; off a terminal it prints plain lines.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +12,47 @@ import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import IO, Any
 
 from rich.console import Console
 from rich.table import Table
 
 
-def _color_allowed() -> bool:
-    return "NO_COLOR" not in os.environ
+def color_allowed(environ: Mapping[str, str] | None = None) -> bool:
+    """False when NO_COLOR is set to a non-empty value (https://no-color.org)."""
+    env = os.environ if environ is None else environ
+    return env.get("NO_COLOR", "") == ""
 
 
 # Off a terminal (pipes, logs, CI) rich would assume 80 columns and wrap every table cell.
 PIPE_WIDTH = 200
 
 
-def stdout_console() -> Console:
-    width = None if sys.stdout.isatty() else PIPE_WIDTH
+def make_console(
+    file: IO[str], *, width: int | None = None, force_terminal: bool | None = None
+) -> Console:
+    """The one Console factory: NO_COLOR turns every style off (color_system=None emits no
+    escape for colour, bold or dim; no_color alone would still send bold)."""
+    plain = not color_allowed()
     return Console(
-        file=sys.stdout, no_color=not _color_allowed(), highlight=False, soft_wrap=True, width=width
+        file=file,
+        no_color=plain,
+        color_system=None if plain else "auto",
+        highlight=False,
+        soft_wrap=True,
+        width=width,
+        force_terminal=force_terminal,
     )
 
 
+def stdout_console() -> Console:
+    """Data: tables and fields on stdout (200 columns when piped)."""
+    return make_console(sys.stdout, width=None if sys.stdout.isatty() else PIPE_WIDTH)
+
+
 def stderr_console() -> Console:
-    return Console(file=sys.stderr, no_color=not _color_allowed(), highlight=False, soft_wrap=True)
+    """Messages and progress on stderr."""
+    return make_console(sys.stderr)
 
 
 def print_json(obj: Any) -> None:

@@ -1,22 +1,21 @@
-"""`rbee workers spawn|ls|stop|rm|logs` and `rbee devices`: the pool from the command line."""
+"""`rbee workers spawn|ls|stop|rm|logs` and `rbee devices`: the pool from the command line,
+through the SDK's PoolClient (typed errors, deadlines, retries on UNAVAILABLE)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from collections.abc import Iterator
 from typing import Any
 
-import grpc
 from google.protobuf import json_format
-from google.protobuf.duration_pb2 import Duration
 
-from rbee.worker.v1 import load_pb2, pool_pb2_grpc
+from rbee.worker.v1 import load_pb2
 from rbee.worker.v1 import pool_pb2 as pb
 from rbee.worker.v1 import worker_pb2 as wpb
 from rbee_client.cli.output import human_bytes, print_json, print_table
-from rbee_client.errors import error_from_rpc
+from rbee_client.pool import PoolClient, worker_name
+from services.common.channels import ChannelSecurity
 
 DEFAULT_POOL = "127.0.0.1:50091"
 
@@ -37,35 +36,12 @@ def _stage(value: int) -> str:
     return _STAGES.get(value, "unknown")
 
 
-class _Pool:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self._channel = grpc.insecure_channel(args.pool)
-        self.stub = pool_pb2_grpc.PoolServiceStub(self._channel)
-        self.timeout = args.timeout
-
-    def __enter__(self) -> _Pool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._channel.close()
-
-
-def _call(fn: Any, request: Any, timeout: float | None) -> Any:
-    try:
-        return fn(request, timeout=timeout)
-    except grpc.RpcError as exc:
-        raise error_from_rpc(exc) from None
-
-
-def _stream(call: Any) -> Iterator[Any]:
-    try:
-        yield from call
-    except grpc.RpcError as exc:
-        raise error_from_rpc(exc) from None
-
-
-def _name(text: str) -> str:
-    return text if text.startswith("workers/") else f"workers/{text}"
+def _pool(args: argparse.Namespace, *, timeout: float | None = None) -> PoolClient:
+    return PoolClient(
+        args.pool,
+        timeout=timeout if timeout is not None else args.timeout,
+        security=_client_security(),
+    )
 
 
 def cmd_spawn(args: argparse.Namespace) -> int:
@@ -95,29 +71,28 @@ def cmd_spawn(args: argparse.Namespace) -> int:
         request.restart_policy.mode = wpb.RESTART_MODE_ON_FAILURE
         request.restart_policy.max_restarts = args.max_restarts
     worker = None
-    with _Pool(args) as pool:
-        for msg in _stream(pool.stub.SpawnWorker(request, timeout=args.spawn_timeout)):
-            if msg.HasField("worker"):
-                worker = msg.worker
+    with _pool(args) as pool:
+        for event in pool.spawn_worker(request, timeout=args.spawn_timeout):
+            if isinstance(event, wpb.Worker):
+                worker = event
                 if args.format == "json":  # one JSON object per line, as the progress lines
+                    msg = pb.SpawnWorkerResponse(worker=event)
                     print(json_format.MessageToJson(msg, indent=None), flush=True)
             elif args.format == "json":
+                msg = pb.SpawnWorkerResponse(progress=event)
                 print(json_format.MessageToJson(msg, indent=None), flush=True)
             else:
-                p = msg.progress
-                print(f"{_stage(p.stage)}: {p.message}", file=sys.stderr, flush=True)
+                print(f"{_stage(event.stage)}: {event.message}", file=sys.stderr, flush=True)
     if worker is not None and args.format != "json":
         print(f"{worker.name} {_state(worker.state)} on {worker.endpoint} ({worker.device.name})")
     return 0
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    with _Pool(args) as pool:
-        response = _call(
-            pool.stub.ListWorkers, pb.ListWorkersRequest(filter=args.filter), pool.timeout
-        )
+    with _pool(args) as pool:
+        workers = pool.list_workers(filter=args.filter)
     if args.format == "json":
-        print_json({"workers": [json_format.MessageToDict(w) for w in response.workers]})
+        print_json({"workers": [json_format.MessageToDict(w) for w in workers]})
         return 0
     print_table(
         ("WORKER", "STATE", "MODEL", "TYPE", "DEVICE", "ENDPOINT", "PID", "RESTARTS"),
@@ -132,18 +107,20 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 w.pid or "-",
                 w.restart_count,
             )
-            for w in response.workers
+            for w in workers
         ],
     )
     return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    request = pb.StopWorkerRequest(name=_name(args.worker), force=args.force)
-    if args.grace is not None:
-        request.grace.CopyFrom(Duration(seconds=int(args.grace), nanos=int(args.grace % 1 * 1e9)))
-    with _Pool(args) as pool:
-        worker = _call(pool.stub.StopWorker, request, (args.grace or 10) + args.timeout)
+    with _pool(args) as pool:
+        worker = pool.stop_worker(
+            args.worker,
+            grace=args.grace,
+            force=args.force,
+            timeout=(args.grace or 10) + args.timeout,
+        )
     if args.format == "json":
         print_json(json_format.MessageToDict(worker))
     else:
@@ -152,36 +129,32 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    with _Pool(args) as pool:
-        _call(
-            pool.stub.DeleteWorker,
-            pb.DeleteWorkerRequest(name=_name(args.worker), force=args.force),
-            args.timeout + 10,
-        )
+    with _pool(args, timeout=args.timeout + 10) as pool:  # force stops the worker first
+        pool.delete_worker(worker_name(args.worker), force=args.force)
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    request = pb.GetWorkerLogsRequest(
-        name=_name(args.worker), follow=args.follow, tail_lines=args.tail
-    )
-    with _Pool(args) as pool:
-        for msg in _stream(
-            pool.stub.GetWorkerLogs(request, timeout=None if args.follow else args.timeout)
-        ):
-            for line in msg.lines:
-                print(line.text, flush=args.follow)
+    with _pool(args) as pool:
+        lines = pool.worker_log_lines(
+            args.worker,
+            follow=args.follow,
+            tail=args.tail,
+            timeout=None if args.follow else args.timeout,
+        )
+        for line in lines:
+            print(line.text, flush=args.follow)
     return 0
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    with _Pool(args) as pool:
-        response = _call(pool.stub.ListDevices, pb.ListDevicesRequest(), pool.timeout)
+    with _pool(args) as pool:
+        devices = pool.list_devices()
     if args.format == "json":
-        print_json({"devices": [json_format.MessageToDict(d) for d in response.devices]})
+        print_json({"devices": [json_format.MessageToDict(d) for d in devices]})
         return 0
     rows = []
-    for d in response.devices:
+    for d in devices:
         total = d.total_vram_bytes if d.HasField("total_vram_bytes") else d.total_ram_bytes
         free = d.free_vram_bytes if d.HasField("free_vram_bytes") else d.free_ram_bytes
         claimed = d.claimed_vram_bytes if d.HasField("total_vram_bytes") else d.claimed_ram_bytes
@@ -255,3 +228,9 @@ def add_commands(workers: Any, sub: Any, common: argparse.ArgumentParser) -> Non
     p = sub.add_parser("devices", parents=[common], help="this hive's devices (from the pool)")
     pool_arg(p)
     p.set_defaults(func=cmd_devices)
+
+
+def _client_security() -> ChannelSecurity:
+    from rbee_client.cli.main import client_security
+
+    return client_security()

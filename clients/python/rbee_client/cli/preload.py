@@ -1,9 +1,10 @@
 """`rbee preload MODEL` and `rbee preloads ls|rm`: page-cache preloading from the command line.
 
-`rbee preload MODEL` warms the model's files into the page cache: a progress line on stderr
-every few seconds, then a summary on stdout (residency measured with mincore, time, rate, and
-the models evicted to stay within the provisioner's RAM budget). `--format json` prints every
-event as one JSON line (`{"progress": {...}}` then `{"preload": {...}}`). Ctrl-C stops the read.
+`rbee preload MODEL` warms the model's files into the page cache: a bar on a terminal, a
+progress line every few seconds elsewhere (cli/progress.py), then a summary on stdout (residency
+measured with mincore, time, rate, and the models evicted to stay within the provisioner's RAM
+budget). `--format json` prints every event as one JSON line (`{"progress": {...}}` then
+`{"preload": {...}}`). Ctrl-C stops the read.
 """
 
 from __future__ import annotations
@@ -11,22 +12,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from typing import Any
 
 from google.protobuf import json_format
 
 from rbee.provisioner.v1 import provisioner_pb2 as pb
 from rbee_client.cli.output import human_bytes, print_json, print_table
+from rbee_client.cli.progress import ByteCount, ProgressDisplay, progress_display
 from rbee_client.cli.pull import add_provisioner_argument
-
-PROGRESS_LINE_SECONDS = 2.0
 
 
 def _client(args: argparse.Namespace) -> Any:
+    from rbee_client.cli.main import client_security
     from rbee_client.provisioner import ProvisionerClient
 
-    return ProvisionerClient(args.provisioner, timeout=args.timeout)
+    return ProvisionerClient(args.provisioner, security=client_security(), timeout=args.timeout)
 
 
 def _model_name(text: str) -> str:
@@ -43,12 +43,18 @@ def _percent(part: int, whole: int) -> str:
     return f"{100 * part / whole:.0f}%" if whole else "-"
 
 
-def _progress_text(update: Any) -> str:
-    text = f"warming {update.file} ({update.file_index}/{update.file_count}) "
-    text += f"{human_bytes(update.done_bytes)}/{human_bytes(update.total_bytes)}"
-    if update.bytes_per_second:
-        text += f" {human_bytes(int(update.bytes_per_second))}/s"
-    return text
+def _show(display: ProgressDisplay, update: Any) -> None:
+    """One preload event: the bytes count over all the model's files, so one bar for the
+    model, labelled with the file being read."""
+    label = f"warming {update.file} ({update.file_index}/{update.file_count})"
+    counts = ByteCount(
+        update.done_bytes,
+        update.total_bytes or None,
+        update.bytes_per_second,
+        update.eta_seconds,
+        update.resident_before_bytes,
+    )
+    display.transfer(update.model or "preload", label, counts)
 
 
 def _summary(preload: pb.Preload) -> str:
@@ -72,21 +78,20 @@ def cmd_preload(args: argparse.Namespace) -> int:
 
     as_json = args.format == "json"
     final: pb.Preload | None = None
-    with _client(args) as client:
+    with _client(args) as client, progress_display(args.format) as display:
         stream = client.preload(_model_name(args.model), pin=args.pin)
-        last_line = 0.0
         try:
             for item in stream:
                 if isinstance(item, PreloadUpdate):
                     if as_json:
                         progress = json_format.MessageToDict(item.raw)
                         print(json.dumps({"progress": progress}), flush=True)
-                    elif time.monotonic() - last_line >= PROGRESS_LINE_SECONDS:
-                        print(_progress_text(item), file=sys.stderr, flush=True)
-                        last_line = time.monotonic()
+                    else:
+                        _show(display, item)
                 else:
                     final = item
         except KeyboardInterrupt:
+            display.close()
             stream.close()
             print("interrupted: the preload stopped", file=sys.stderr)
             return EXIT_INTERRUPTED
