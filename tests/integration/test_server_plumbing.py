@@ -432,7 +432,12 @@ async def test_reflection_lists_services(channel: grpc.aio.Channel) -> None:
     responses = [response async for response in stub.ServerReflectionInfo(iter([request]))]
 
     names = {service.name for service in responses[0].list_services_response.service}
-    assert names == {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+    assert names == {
+        SERVICE,
+        "rbee.common.v1.InfoService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
 
 
 async def test_reflection_describes_health(channel: grpc.aio.Channel) -> None:

@@ -379,6 +379,34 @@ def test_local_sources_in_place_and_copied(
     assert info.value.reason == "FILE_NOT_FOUND"
 
 
+def test_local_sources_that_are_not_models_are_refused(
+    tmp_path: Path, hub: FakeHub, civitai: FakeCivitai
+) -> None:
+    ctx = _ctx(tmp_path, hub, civitai)
+    # A device file would be copied forever; a FIFO would block the provisioner.
+    for special in ("/dev/zero", "/dev/null"):
+        with pytest.raises(InvalidArgument, match="not a regular file"):
+            _resolve(f"file:{special}", ctx)
+    fifo = tmp_path / "folder" / "pipe.gguf"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    with pytest.raises(InvalidArgument, match="not a regular file"):
+        _resolve(str(fifo.parent), ctx)
+    # Too deep to be a model folder: refused without walking further.
+    deep = tmp_path / "deep"
+    leaf = deep.joinpath(*(f"d{i}" for i in range(12)))
+    leaf.mkdir(parents=True)
+    (leaf / "x.bin").write_bytes(b"x")
+    with pytest.raises(InvalidArgument, match="not a model folder"):
+        _resolve(str(deep), ctx)
+    # A broken link inside a folder is named, not a crash.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.safetensors").symlink_to(tmp_path / "gone")
+    with pytest.raises(InvalidArgument, match="broken link"):
+        _resolve(str(broken), ctx)
+
+
 def test_every_error_is_ours(tmp_path: Path, hub: FakeHub, civitai: FakeCivitai) -> None:
     ctx = _ctx(tmp_path, hub, civitai)
     for text in ("hf:acme/x", "civitai:1", f"{hub.endpoint}/nope", "file:/nonexistent/x"):

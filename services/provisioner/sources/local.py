@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 from services.catalog.domain import ModelSource, SourceKind
@@ -31,21 +32,50 @@ from services.provisioner.sources.files import (
 )
 
 MAX_FOLDER_FILES = 100_000
+# A model folder is shallow (a diffusers pipeline is two levels deep): a source that walks
+# deeper or through more folders than this is not a model (`file:/` is refused quickly).
+MAX_FOLDER_DEPTH = 8
+MAX_FOLDER_DIRS = 10_000
+
+
+def _not_a_model_folder(folder: Path, why: str) -> InvalidArgument:
+    return InvalidArgument.for_field("source", f"{folder} is not a model folder: {why}")
 
 
 def _walk(folder: Path) -> list[Path]:
+    """The regular files of a model folder, sorted, hidden ones left out. Symlinked folders are
+    not followed; device files, sockets and FIFOs are refused (a copy of /dev/zero never ends)."""
     files: list[Path] = []
+    dirs_seen = 0
     for root, dirs, names in os.walk(folder):
+        dirs_seen += 1
+        depth = len(Path(root).relative_to(folder).parts)
+        if depth > MAX_FOLDER_DEPTH or dirs_seen > MAX_FOLDER_DIRS:
+            raise _not_a_model_folder(
+                folder, f"more than {MAX_FOLDER_DEPTH} levels or {MAX_FOLDER_DIRS} folders"
+            )
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(names):
             if name.startswith("."):
                 continue  # .cache/, .gitattributes, editor files: not part of the model
-            files.append(Path(root) / name)
+            member = Path(root) / name
+            _check_regular(member)
+            files.append(member)
             if len(files) > MAX_FOLDER_FILES:
-                raise InvalidArgument.for_field(
-                    "source", f"{folder} holds more than {MAX_FOLDER_FILES} files"
-                )
+                raise _not_a_model_folder(folder, f"more than {MAX_FOLDER_FILES} files")
     return files
+
+
+def _check_regular(path: Path) -> None:
+    """A model file is a regular file (a symlink to one is fine)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:  # a dangling symlink: nothing to read
+        raise InvalidArgument.for_field("source", f"{path}: a broken link") from None
+    if not stat.S_ISREG(mode):
+        raise InvalidArgument.for_field(
+            "source", f"{path} is not a regular file (a device, socket or pipe)"
+        )
 
 
 def resolve_local(spec: LocalSpec, options: PullOptions, ctx: SourceContext) -> Resolution:
@@ -59,6 +89,8 @@ def resolve_local(spec: LocalSpec, options: PullOptions, ctx: SourceContext) -> 
             reason="FILE_NOT_FOUND",
         )
     is_dir = path.is_dir()
+    if not is_dir:
+        _check_regular(path)
     members = _walk(path) if is_dir else [path]
     relative = [m.relative_to(path).as_posix() if is_dir else path.name for m in members]
     sizes = [m.stat().st_size for m in members]
