@@ -130,6 +130,7 @@ def test_a_pkgbuild_that_hangs_times_out(tmp_path: Path) -> None:
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.security
 def test_the_parent_environment_is_not_visible_while_sourcing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -150,6 +151,7 @@ def repo(tmp_path: Path) -> GitRepo:
     return make_git_repo(tmp_path / "hello-repo")
 
 
+@pytest.mark.security
 def test_recipes_are_found_only_by_slug_names_inside_their_directories(
     tmp_path: Path, repo: GitRepo
 ) -> None:
@@ -293,6 +295,7 @@ async def test_a_full_install_of_the_fixture_recipe(
     assert InstallJobState.BUILDING not in _states(again_events)
 
 
+@pytest.mark.security
 async def test_a_wrong_sha256_fails_before_anything_runs(
     tmp_path: Path, repo: GitRepo, manager: InstallManager
 ) -> None:
@@ -400,6 +403,7 @@ async def test_a_recipe_whose_arch_excludes_this_host_is_refused_before_anything
     assert not marker.exists()
 
 
+@pytest.mark.security
 async def test_tokens_in_the_parent_environment_are_not_visible_to_the_build(
     tmp_path: Path, repo: GitRepo, manager: InstallManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -445,6 +449,7 @@ async def test_a_second_caller_attaches_to_the_running_job(
     assert manager.list()[2] == 1
 
 
+@pytest.mark.security
 async def test_traversal_in_recipe_names_is_refused_by_install(
     tmp_path: Path, repo: GitRepo, manager: InstallManager
 ) -> None:

@@ -7,10 +7,9 @@ GGUF that llama.cpp runs, a header-only GGUF with tokenizer arrays, and safetens
 real key names and metadata. Mutations: byte overwrites, insertions, deletions, u32/u64 fields
 overwritten with boundary values (counts and lengths), truncation and extension.
 
-atheris is not used: it is not installed in this environment (the house rules forbid installing
-packages here); hypothesis covers the same mutations deterministically.
+Coverage-guided fuzzing with atheris runs beside this: tests/integration/test_reader_atheris.py.
 
-Run issue 7's tests alone with `-k security`.
+Run issue 7's tests alone with `-m security`.
 """
 
 from __future__ import annotations
