@@ -77,6 +77,8 @@ def test_status_lists_every_service_and_its_workers(tmp_path: Path) -> None:
             assert row["version"], row
         assert rows["catalog"]["metrics_url"] == f"http://127.0.0.1:{cat_metrics}/metrics"
         assert rows["provisioner"]["metrics_url"] == ""  # metrics off
+        # A worker the pool spawned serves its own /metrics on an ephemeral loopback port.
+        assert rows["workers/w1"]["metrics_url"].startswith("http://127.0.0.1:")
         assert doc["exit_code"] == 0
 
         table = rbee(env, "status")

@@ -356,6 +356,23 @@ def test_stream_reply_writes_text_as_it_comes() -> None:
     assert reply.ttft is not None
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_gets_no_control_characters_from_the_model() -> None:
+    escape = "\x1b]0;owned\x07\x1b[2J"  # retitle the window, clear the screen
+    out = _Terminal()
+    reply = stream_reply(events("hi", escape, "\tok\n"), out, as_json=False)
+    assert "\x1b" not in out.getvalue() and "\x07" not in out.getvalue()
+    assert out.getvalue().startswith("hi\ufffd]0;owned\ufffd") and "\tok\n" in out.getvalue()
+    assert reply.text == "hi" + escape + "\tok\n"  # the reply itself is kept as it came
+    piped = io.StringIO()  # not a terminal: the bytes pass through for scripts
+    stream_reply(events(escape), piped, as_json=False)
+    assert piped.getvalue() == escape + "\n"
+
+
 def test_stream_reply_json_lines() -> None:
     out = io.StringIO()
     stream_reply(events("a", "b"), out, as_json=True)

@@ -535,8 +535,10 @@ class PoolService:
             device.worker_device,
             "--listen",
             record.endpoint,
+            # Each worker serves its own /metrics on an ephemeral loopback port; its
+            # InfoService (`rbee status`) says where.
             "--metrics-listen",
-            "",
+            f"{record.endpoint.rpartition(':')[0]}:0",
             "--name",
             record.name,
             "--queue-size",

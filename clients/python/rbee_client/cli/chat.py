@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -212,6 +213,16 @@ def _json_line(obj: dict[str, Any], out: TextIO) -> None:
     out.flush()
 
 
+# C0 and C1 control characters other than newline and tab: a model's output must not drive the
+# terminal (an ESC sequence can move the cursor, retitle the window or worse).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` safe for a terminal: control characters (but newline and tab) become U+FFFD."""
+    return _CONTROL.sub("\ufffd", text)
+
+
 def stream_reply(
     events: Iterable[gen.TokenDelta | gen.GenerationResult],
     out: TextIO,
@@ -236,7 +247,7 @@ def stream_reply(
                 if as_json:
                     _json_line({"delta": json_format.MessageToDict(event)}, out)
                 elif event.text:
-                    out.write(event.text)
+                    out.write(printable(event.text) if out.isatty() else event.text)
                     out.flush()
             else:
                 reply.result = event
