@@ -11,6 +11,13 @@ partial files.
 Callers see a stream: a snapshot event at once, throttled progress events (a few per second,
 plus every state change), then exactly one terminal item: the catalog Model, or the error the
 pull failed with. A caller that leaves cancels the pull only when it was the last one watching.
+
+A single-file image checkpoint (one .safetensors of a family in SINGLE_FILE_CONFIG_REPOS, from
+any source) also gets its family's config repo's small files (model_index.json, component
+configs, scheduler, tokenizers; never weights) fetched into the HF cache after its own download,
+reported as DOWNLOADING messages: the worker loads such a file offline with those configs. A
+failure there does not fail the pull (the checkpoint is good); the last message says what
+failed, and the worker's load will say what is missing.
 """
 
 from __future__ import annotations
@@ -35,9 +42,11 @@ from services.catalog.domain import (
     ID_PATTERN,
     Model,
     ModelState,
+    ModelType,
     SourceKind,
 )
 from services.catalog.ids import slugify
+from services.catalog.inspect import inspect_path
 from services.catalog.link import CatalogLink
 from services.catalog.pagination import (
     PageTokenCodec,
@@ -79,7 +88,12 @@ from services.provisioner.http import redact_url
 from services.provisioner.metrics import ProvisionerMetrics
 from services.provisioner.pull_store import PullStore
 from services.provisioner.sources import SourceContext, parse_source, resolve
+from services.provisioner.sources.huggingface import resolve_config_files
 from services.provisioner.transfer import TransferSettings, download_file
+from services.worker.engines.image_base import (
+    SINGLE_FILE_CONFIG_PATTERNS,
+    SINGLE_FILE_CONFIG_REPOS,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -575,6 +589,7 @@ class PullManager:
                     PullState.VERIFYING,
                     f"{len(results)} file(s) complete and verified (sha256)",
                 )
+                await self._fetch_single_file_configs(job, resolution)
                 await self._set_state(job, PullState.REGISTERING)
                 ready = await self._register_ready(job, resolution, results)
                 await self._finish(job, ready)
@@ -718,6 +733,55 @@ class PullManager:
             await self._persist(job)
         job.file_index = 0
         return results
+
+    async def _fetch_single_file_configs(self, job: _Job, resolution: Resolution) -> None:
+        """Fetch the configs a single-file image checkpoint loads with (module docstring)."""
+        if len(resolution.model_paths) != 1:
+            return
+        path = Path(resolution.model_paths[0])
+        if path.suffix.lower() != ".safetensors":
+            return
+        try:
+            metadata = await asyncio.to_thread(inspect_path, path)
+        except RbeeError:
+            return  # the catalog's inspection at registration reports it
+        family = metadata.family
+        if metadata.model_type is not ModelType.IMAGE or family not in SINGLE_FILE_CONFIG_REPOS:
+            return
+        repo = SINGLE_FILE_CONFIG_REPOS[family]
+        await self._set_state(
+            job, PullState.DOWNLOADING, f"fetching the {family} configs from {repo} (no weights)"
+        )
+        settings = self._transfer_settings(job.record.options.bandwidth_limit)
+        try:
+            planned = await asyncio.to_thread(
+                resolve_config_files, repo, SINGLE_FILE_CONFIG_PATTERNS, self._ctx
+            )
+            for index, file in enumerate(planned, start=1):
+                self._check_cancel(job)
+                await asyncio.to_thread(
+                    self._download,
+                    file,
+                    credentials=self._credentials,
+                    settings=settings,
+                    cancel=job.cancel,
+                    on_progress=lambda _done, _total, _reused: None,  # a few KB each
+                    on_message=lambda _text: None,
+                )
+                self._on_message(
+                    job, f"{family} configs from {repo}: {index}/{len(planned)} ({file.path})"
+                )
+        except Cancelled:
+            raise
+        except RbeeError as exc:
+            logger.warning(
+                "%s: cannot fetch the %s configs from %s: %s", job.record.name, family, repo, exc
+            )
+            self._on_message(
+                job,
+                f"could not fetch the {family} configs from {repo} ({exc}); workers need them "
+                "to load this single file",
+            )
 
     def _on_progress(
         self, job: _Job, entry: PullFileRecord, done: int, total: int | None, reused: int

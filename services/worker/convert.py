@@ -213,8 +213,6 @@ def image_load_options_from_pb(msg: load_pb2.ImageLoadOptions) -> ImageLoadOptio
     loras = loras_from_pb(msg.loras, "image.loras")
     if msg.vae:
         raise _refuse("image.vae", "a VAE override")
-    if msg.family:
-        raise _refuse("image.family", "a single-file checkpoint family")
     if msg.safety_checker:
         raise _refuse("image.safety_checker", "the safety checker")
     return ImageLoadOptions(
@@ -224,6 +222,8 @@ def image_load_options_from_pb(msg: load_pb2.ImageLoadOptions) -> ImageLoadOptio
         vae_tiling=msg.vae_tiling,
         vae_slicing=msg.vae_slicing,
         loras=loras,
+        family=msg.family or None,
+        config=msg.config or None,
     )
 
 
@@ -236,6 +236,8 @@ def image_load_options_to_pb(options: ImageLoadOptions) -> load_pb2.ImageLoadOpt
         vae_tiling=options.vae_tiling,
         vae_slicing=options.vae_slicing,
         loras=[load_pb2.LoraAdapter(path=lora.path, weight=lora.scale) for lora in options.loras],
+        family=options.family or "",
+        config=options.config or "",
     )
 
 

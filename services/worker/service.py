@@ -41,6 +41,9 @@ Loading (LoadModel), checked before the engine sees anything:
   not checked here (the pool decides where a model fits; too large fails in the engine). The
   engines keep their own checks as a second line. The fake engine (protocol tests, which load
   placeholder files) skips inspection and compatibility: it runs no model file.
+- single-file image checkpoints: `image.family` (when given) stands in for a family inspection
+  cannot tell (in the compatibility check too), and inspection's family is handed to the
+  engine, which loads the file with that family's configs (see engines.diffusers_engine).
 
 Image workers (an ImageEngine) share all of it: GenerateImage takes the same turn, its progress
 events travel the same bridge, and a cancelled stream sets the same event, which the engine
@@ -169,6 +172,16 @@ def _left_to_the_engine(metadata: ModelMetadata, result: CompatibilityResult) ->
         and not metadata.family
         and metadata.variant not in IMAGE_INPUT_VARIANTS
     )
+
+
+def _with_inspected_family(
+    options: ImageLoadOptions, path: Path, metadata: ModelMetadata | None
+) -> ImageLoadOptions:
+    """`options` with inspection's family for a single file when the request set none: the
+    engine picks the single file's configs by family (a folder carries its own)."""
+    if options.family or metadata is None or not metadata.family or path.is_dir():
+        return options
+    return options.model_copy(update={"family": metadata.family})
 
 
 def require_compatible(
@@ -638,6 +651,7 @@ class WorkerService:
         if self._device.kind is DeviceKind.CPU and options.gpu_layers is None:
             options = options.model_copy(update={"gpu_layers": 0})  # a CPU worker offloads none
         model = target.model
+        image_options = _with_inspected_family(request.image_options, path, target.metadata)
         cancel = threading.Event()
         started = time.perf_counter()
         had_model = self._loaded is not None
@@ -667,7 +681,7 @@ class WorkerService:
                     )
 
             if isinstance(engine, ImageEngine):
-                return engine.load(path, request.image_options, progress=progress, cancel=cancel)
+                return engine.load(path, image_options, progress=progress, cancel=cancel)
             return engine.load(path, options, progress=progress, cancel=cancel)
 
         def on_done(future: asyncio.Future[LoadedModel]) -> None:
@@ -681,7 +695,7 @@ class WorkerService:
                         model=model,
                         paths=list(target.paths),
                         options=options,
-                        image_options=request.image_options if self._is_image else None,
+                        image_options=image_options if self._is_image else None,
                         default_seed=request.default_seed,
                         chat_template=request.chat_template,
                         engine_model=engine_model,
@@ -723,7 +737,8 @@ class WorkerService:
         self._check_load_options(request)
         model, paths, where = await self._resolve_paths(request)
         path = self._check_paths(paths, where)
-        metadata = await self._check_compatibility(path, model)
+        family = request.image_options.family if self._is_image else None
+        metadata = await self._check_compatibility(path, model, family=family)
         return LoadTarget(model=model, paths=paths, path=path, metadata=metadata)
 
     def _check_load_options(self, request: LoadRequest) -> None:
@@ -799,13 +814,18 @@ class WorkerService:
         # A split GGUF loads from its first shard (llama.cpp finds the others).
         return Path(paths[0])
 
-    async def _check_compatibility(self, path: Path, model: str) -> ModelMetadata | None:
-        """Inspect `path` and refuse what this worker type cannot run; None for the fake."""
+    async def _check_compatibility(
+        self, path: Path, model: str, *, family: str | None = None
+    ) -> ModelMetadata | None:
+        """Inspect `path` and refuse what this worker type cannot run; None for the fake.
+        `family` (image.family) stands in for an image family inspection cannot tell."""
         worker_type = self._worker_type
         if worker_type is None:
             return None
         # Header reads only (milliseconds), but on a cold disk: off the event loop.
         metadata = await asyncio.to_thread(inspect_path, path)
+        if family and not metadata.family and metadata.model_type is ModelType.IMAGE:
+            metadata = metadata.model_copy(update={"family": family, "warnings": []})
         subject = f"{model} ({path.name})" if model else path.name
         result = require_compatible(metadata, worker_type, subject=subject)
         if result.verdict in INCOMPATIBLE_VERDICTS:  # let through: see _left_to_the_engine

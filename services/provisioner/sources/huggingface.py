@@ -17,6 +17,7 @@ Cache layout (reference §1.7), shared with huggingface_hub and diffusers:
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import re
 import tempfile
@@ -429,6 +430,22 @@ def _planned(listing: HfRepoListing, paths: Sequence[str], ctx: SourceContext) -
                 cached=cached,
             )
         )
+    return planned
+
+
+def resolve_config_files(
+    repo: str, patterns: Sequence[str], ctx: SourceContext, *, revision: str = "main"
+) -> list[PlannedFile]:
+    """The files of `repo` at `revision` matching `patterns` (fnmatch, as huggingface_hub's
+    allow_patterns), planned into the HF cache, with the revision's ref written so that
+    huggingface_hub's cache lookups find the snapshot: e.g. the configs and tokenizers a
+    single-file checkpoint is loaded with (never weights). NotFound when none matches."""
+    listing = list_repo(repo, revision, ctx)
+    paths = [p for p in listing.paths() if any(fnmatch.fnmatchcase(p, pat) for pat in patterns)]
+    if not paths:
+        raise _not_found(repo, f"no file matching {', '.join(patterns)}", listing)
+    planned = _planned(listing, paths, ctx)
+    write_ref(ctx, repo, revision, listing.commit)
     return planned
 
 

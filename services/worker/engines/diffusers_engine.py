@@ -1,8 +1,17 @@
 """The image engine on diffusers + torch: loads a diffusers pipeline folder and generates images.
 
 - Loading is offline: `from_pretrained(folder, local_files_only=True)`, so a missing file is an
-  error, never a Hub fetch. Single-file checkpoints are refused for now (FAILED_PRECONDITION,
-  convert to a diffusers folder); the safety checker is never loaded.
+  error, never a Hub fetch; the safety checker is never loaded.
+- Single-file checkpoints (one .safetensors in the original "ldm" layout, as CivitAI serves
+  them) load with the pipeline class's `from_single_file(file, config=FOLDER,
+  local_files_only=True)`: diffusers converts the weights using the component configs and the
+  tokenizers in FOLDER, a local diffusers folder: `image.config` when given, else the family's
+  config repo (SINGLE_FILE_CONFIG_REPOS: diffusers' own defaults) in the HF cache, of which only
+  the small files are needed. FOLDER is always a local path: given a repo id, diffusers would
+  download the configs when they are not cached, even with `local_files_only=True`. The family
+  is `image.family`, else inspection's; the pipeline class is the folder's model_index.json
+  `_class_name`. No folder: FAILED_PRECONDITION saying which repo's files are missing and how to
+  fetch them.
 - Schedulers by name (SCHEDULERS) are built from the loaded scheduler's config, so the model's
   own beta schedule and prediction type are kept.
 - One pipeline call per image: image i uses seed + i on its own CPU torch.Generator (so a seed
@@ -34,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import math
 import secrets
@@ -45,7 +55,13 @@ from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from services.common.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import (
+    Cancelled,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PreconditionViolation,
+)
 from services.worker.engines.base import LoadedModel, ProgressCallback
 from services.worker.engines.image_base import (
     MAX_COUNT,
@@ -55,6 +71,8 @@ from services.worker.engines.image_base import (
     MAX_STEPS,
     MIN_SIDE,
     SIDE_MULTIPLE,
+    SINGLE_FILE_CONFIG_PATTERNS,
+    SINGLE_FILE_CONFIG_REPOS,
     GeneratedImage,
     ImageEngine,
     ImageLoadOptions,
@@ -184,6 +202,117 @@ def lora_adapter_name(path: Path) -> str:
     return "lora_" + hashlib.sha256(key).hexdigest()[:16]
 
 
+# model_index.json components a single file never needs configs for (we never load them).
+SINGLE_FILE_SKIPPED_COMPONENTS = frozenset({"safety_checker", "feature_extractor", "image_encoder"})
+
+
+def single_file_config_command(repo: str, hf_cache: Path) -> str:
+    """The command that puts `repo`'s config files (no weights) into the HF cache `hf_cache`."""
+    patterns = " ".join(f"'{pattern}'" for pattern in SINGLE_FILE_CONFIG_PATTERNS)
+    return f"HF_HUB_CACHE={hf_cache} hf download {repo} --include {patterns}"
+
+
+def missing_config_files(folder: Path) -> list[str]:
+    """What `folder` lacks as the config of a single-file checkpoint: "model_index.json", or
+    the component folders ("text_encoder/", ...) its model_index.json names with no .json file
+    in them. Empty: usable."""
+    index = folder / "model_index.json"
+    try:
+        components = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return ["model_index.json"]
+    if not isinstance(components, dict):
+        return ["model_index.json"]
+    missing = []
+    for name, value in sorted(components.items()):
+        if name.startswith("_") or name in SINGLE_FILE_SKIPPED_COMPONENTS:
+            continue
+        if not isinstance(value, list) or not value or value[0] is None:
+            continue  # a null component, or a plain setting (requires_safety_checker)
+        if not any((folder / name).glob("*.json")):
+            missing.append(f"{name}/")
+    return missing
+
+
+def find_single_file_config(
+    path: Path, family: str | None, *, config: str | None, hf_cache: Path
+) -> Path:
+    """The local diffusers folder whose configs the single-file checkpoint `path` loads with.
+
+    `config` (image.config) wins: an absolute folder with model_index.json and its components'
+    configs, else InvalidArgument / FailedPrecondition. Otherwise the family's config repo
+    (SINGLE_FILE_CONFIG_REPOS) at its `main` snapshot in the HF cache `hf_cache`. Raises
+    FailedPrecondition: INCOMPATIBLE_MODEL when no family is known or the family has no config
+    repo; FAILED_PRECONDITION (with a violation naming `hf:REPO`) when the repo's files are not
+    in the cache, saying how to fetch them.
+    """
+    if config is not None:
+        folder = Path(config)
+        if not folder.is_absolute():
+            raise InvalidArgument.for_field(
+                "image.config", f"must be an absolute folder on the worker host, got {config!r}"
+            )
+        if not folder.is_dir():
+            raise NotFound(
+                f"image.config: no such folder on the worker host: {config}",
+                resource_type="file",
+                resource_name=config,
+                reason="FILE_NOT_FOUND",
+            )
+        missing = missing_config_files(folder)
+        if missing:
+            raise FailedPrecondition(
+                f"image.config {folder} is not a diffusers config folder for {path.name}: it "
+                f"lacks {', '.join(missing)}",
+                violations=[
+                    PreconditionViolation("CONFIG_INCOMPLETE", str(folder), ", ".join(missing))
+                ],
+            )
+        return folder
+    if family is None:
+        raise FailedPrecondition(
+            f"{path.name}: cannot tell the model family of this single file (inspection "
+            f"names none), so its configs are unknown: set image.family (one of "
+            f"{', '.join(SINGLE_FILE_CONFIG_REPOS)}) or image.config (a local diffusers folder "
+            "of the same model)",
+            reason="INCOMPATIBLE_MODEL",
+        )
+    repo = SINGLE_FILE_CONFIG_REPOS.get(family)
+    if repo is None:
+        raise FailedPrecondition(
+            f"{path.name} is a single-file {family} checkpoint; this worker knows no config "
+            f"repo for {family} (it knows {', '.join(SINGLE_FILE_CONFIG_REPOS)}): set "
+            "image.config to a local diffusers folder of the same model",
+            reason="INCOMPATIBLE_MODEL",
+        )
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, "model_index.json", cache_dir=hf_cache)
+    missing = ["model_index.json"]
+    if isinstance(found, str):
+        folder = Path(found).parent
+        missing = missing_config_files(folder)
+        if not missing:
+            return folder
+    command = single_file_config_command(repo, hf_cache)
+    raise FailedPrecondition(
+        f"{path.name} is a single-file {family} checkpoint: loading it needs the diffusers "
+        f"configs and tokenizers of {repo} (model_index.json, the components' config.json, "
+        f"scheduler/, tokenizer/; no weights), and the HF cache {hf_cache} lacks "
+        f"{', '.join(missing)} of them. Fetch them with `{command}` "
+        "(pulling a single-file checkpoint with `rbee pull` fetches them too), or set "
+        "image.config to a local diffusers folder of the same family",
+        violations=[
+            PreconditionViolation(
+                "SINGLE_FILE_CONFIG_MISSING",
+                f"hf:{repo}",
+                f"not in {hf_cache}: " + ", ".join(missing),
+            )
+        ],
+        metadata={"family": family, "config_repo": repo},
+    )
+
+
 @contextlib.contextmanager
 def _peft_notes_silenced() -> Iterator[None]:
     """peft warns about what a cache of adapters does on purpose (several adapters in a model,
@@ -291,6 +420,8 @@ class DiffusersEngine(ImageEngine):
     """diffusers text-to-image pipelines on one torch device ("cpu", "cuda", "mps").
 
     `max_cached_loras` bounds the per-request LoRA adapters kept loaded between requests.
+    `hf_cache` is the HF cache single-file checkpoints find their family's configs in; None:
+    huggingface_hub's (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub).
     `threads` sets torch's intra-op threads (process-wide) when a model loads; None leaves
     torch's default (all cores). On a busy or small CPU fewer threads can be much faster:
     torch's OpenMP workers spin while they wait for cores (measured here on 2 shared cores with
@@ -305,8 +436,10 @@ class DiffusersEngine(ImageEngine):
         *,
         threads: int | None = None,
         max_cached_loras: int = DEFAULT_MAX_CACHED_LORAS,
+        hf_cache: Path | None = None,
     ) -> None:
         self._device = device
+        self._hf_cache = hf_cache
         self._threads = threads
         self._max_cached_loras = max(1, max_cached_loras)
         # adapter name -> LoRA path, least recently used first (see the module docstring).
@@ -347,22 +480,26 @@ class DiffusersEngine(ImageEngine):
         progress: ProgressCallback,
         cancel: threading.Event,
     ) -> LoadedModel:
-        """Load a diffusers folder offline (see the module docstring)."""
+        """Load a diffusers folder or a single-file checkpoint offline (see the module
+        docstring)."""
         dtype = self._dtype(options.dtype)
         if options.scheduler is not None:
             _check_scheduler(options.scheduler, "image.scheduler")
         check_loras(options.loras, "image.loras")
         check_lora_files(options.loras, "image.loras")
-        if not path.is_dir():
-            raise FailedPrecondition(
-                f"{path.name} is a single file; this worker loads diffusers folders only for "
-                "now (convert the checkpoint to a diffusers folder)",
-                reason="INCOMPATIBLE_MODEL",
-            )
-        if not (path / "model_index.json").is_file():
-            raise FailedPrecondition(
-                f"{path} is not a diffusers pipeline folder (no model_index.json)",
-                reason="INCOMPATIBLE_MODEL",
+        config: Path | None = None
+        if path.is_dir():
+            if not (path / "model_index.json").is_file():
+                raise FailedPrecondition(
+                    f"{path} is not a diffusers pipeline folder (no model_index.json)",
+                    reason="INCOMPATIBLE_MODEL",
+                )
+        else:
+            config = find_single_file_config(
+                path,
+                self._single_file_family(path, options),
+                config=options.config,
+                hf_cache=self._hf_cache_folder(),
             )
         self.unload()
         started = time.perf_counter()
@@ -375,18 +512,10 @@ class DiffusersEngine(ImageEngine):
         # Our progress goes through `progress`; tqdm bars on stderr would only clutter the log.
         diffusers.utils.logging.disable_progress_bar()
 
-        try:
-            with warnings.catch_warnings():
-                # `torch_dtype` is what every supported diffusers takes; newer ones also take
-                # `dtype` and warn about the old name.
-                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-                pipe = diffusers.DiffusionPipeline.from_pretrained(  # type: ignore[no-untyped-call]
-                    path, local_files_only=True, torch_dtype=dtype, safety_checker=None
-                )
-        except (OSError, ValueError) as exc:
-            raise FailedPrecondition(
-                f"cannot load the pipeline in {path.name}: {exc}", reason="MODEL_FILE_INVALID"
-            ) from exc
+        if config is None:
+            pipe = self._from_pretrained(path, dtype)
+        else:
+            pipe = self._from_single_file(path, config, dtype)
         if cancel.is_set():
             raise Cancelled("the load was cancelled")
         pipe = pipe.to(self._device)
@@ -424,6 +553,83 @@ class DiffusersEngine(ImageEngine):
         )
         progress(1.0, "loaded")
         return self._loaded
+
+    @staticmethod
+    def _from_pretrained(path: Path, dtype: Any) -> Any:
+        import diffusers
+
+        try:
+            with warnings.catch_warnings():
+                # `torch_dtype` is what every supported diffusers takes; newer ones also take
+                # `dtype` and warn about the old name.
+                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+                return diffusers.DiffusionPipeline.from_pretrained(  # type: ignore[no-untyped-call]
+                    path, local_files_only=True, torch_dtype=dtype, safety_checker=None
+                )
+        except (OSError, ValueError) as exc:
+            raise FailedPrecondition(
+                f"cannot load the pipeline in {path.name}: {exc}", reason="MODEL_FILE_INVALID"
+            ) from exc
+
+    def _hf_cache_folder(self) -> Path:
+        if self._hf_cache is not None:
+            return self._hf_cache
+        from huggingface_hub import constants
+
+        return Path(constants.HF_HUB_CACHE)
+
+    @staticmethod
+    def _single_file_family(path: Path, options: ImageLoadOptions) -> str | None:
+        """image.family, else the family inspection reads from the file's header."""
+        if options.family is not None:
+            return options.family
+        from services.catalog.inspect import inspect_path
+
+        try:
+            return inspect_path(path).family
+        except Exception:  # unreadable header: from_single_file reports it better
+            logger.warning("cannot inspect %s for its family", path, exc_info=True)
+            return None
+
+    @staticmethod
+    def _from_single_file(path: Path, config: Path, dtype: Any) -> Any:
+        """The pipeline class named by `config`'s model_index.json, from the checkpoint at
+        `path` with `config` as its configs; never the safety checker, never a download."""
+        import diffusers
+        import torch
+
+        class_name = json.loads((config / "model_index.json").read_text()).get("_class_name")
+        pipeline_class = getattr(diffusers, str(class_name), None)
+        if pipeline_class is None or not hasattr(pipeline_class, "from_single_file"):
+            raise FailedPrecondition(
+                f"{path.name}: the config folder {config} names the pipeline {class_name!r}, "
+                "which diffusers cannot load from a single file",
+                reason="INCOMPATIBLE_MODEL",
+            )
+        expected, optional = pipeline_class._get_signature_keys(pipeline_class)
+        extra: dict[str, Any] = {
+            name: None for name in SINGLE_FILE_SKIPPED_COMPONENTS if name in expected
+        }
+        if "requires_safety_checker" in optional:
+            extra["requires_safety_checker"] = False
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+                return pipeline_class.from_single_file(
+                    str(path),
+                    config=str(config),  # a local folder: never a Hub fetch (module docstring)
+                    local_files_only=True,
+                    torch_dtype=dtype,
+                    **extra,
+                )
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # diffusers' conversion raises KeyError, ValueError, its own
+            raise FailedPrecondition(
+                f"cannot load {path.name} as a single-file {pipeline_class.__name__} with the "
+                f"configs in {config}: {_short_reason(exc)}",
+                reason="MODEL_FILE_INVALID",
+            ) from exc
 
     def unload(self) -> None:
         """Drop the pipeline (and the CUDA cache when on a GPU); idempotent."""

@@ -50,6 +50,39 @@ class ImageLoadOptions(BaseModel):
     vae_tiling: bool = False
     vae_slicing: bool = False
     loras: list[LoraWeight] = Field(default_factory=list)  # fused into the weights at load
+    # Single-file checkpoints: the family (sd1, sd2, sdxl, ...; None: from inspection) and a
+    # local diffusers folder to take the configs from (None: the family's config repo in the
+    # HF cache, SINGLE_FILE_CONFIG_REPOS).
+    family: str | None = None
+    config: str | None = None
+
+
+# The Hub repo whose diffusers configs (model_index.json, component config.json, scheduler,
+# tokenizers) a single-file checkpoint of each family is loaded with: diffusers' own defaults
+# (`DIFFUSERS_DEFAULT_PIPELINE_PATHS` in diffusers.loaders.single_file_utils), which it would
+# download at load time; the worker never downloads, so they must be in the HF cache.
+SINGLE_FILE_CONFIG_REPOS: dict[str, str] = {
+    "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd2": "stabilityai/stable-diffusion-2-1",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "playground-v2.5": "playgroundai/playground-v2.5-1024px-aesthetic",
+    "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
+    "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
+    "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
+    "flux-dev": "black-forest-labs/FLUX.1-dev",
+    "flux-schnell": "black-forest-labs/FLUX.1-schnell",
+}
+# The files of a config repo a single file needs (fnmatch patterns, as huggingface_hub's
+# allow_patterns): never weights. diffusers fetches "*.json", "*.txt", "*.model" (tokenizers'
+# vocab/merges and sentencepiece models).
+SINGLE_FILE_CONFIG_PATTERNS: tuple[str, ...] = (
+    "model_index.json",
+    "*/config.json",
+    "scheduler/*.json",
+    "tokenizer*/*.json",
+    "tokenizer*/*.txt",
+    "tokenizer*/*.model",
+)
 
 
 class ImageParams(BaseModel):

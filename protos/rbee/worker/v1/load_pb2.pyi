@@ -243,6 +243,7 @@ class ImageLoadOptions(_message.Message):
     VAE_FIELD_NUMBER: _builtins.int
     FAMILY_FIELD_NUMBER: _builtins.int
     SAFETY_CHECKER_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
     dtype: _builtins.str
     """The torch dtype: "float16", "bfloat16", "float32"; empty = float16 on GPUs, float32 on CPU."""
     scheduler: _builtins.str
@@ -265,6 +266,12 @@ class ImageLoadOptions(_message.Message):
     """The family of a single-file checkpoint (sd1, sd2, sdxl, ...); empty = from inspection."""
     safety_checker: _builtins.bool
     """Keep the pipeline's safety checker when it has one."""
+    config: _builtins.str
+    """For a single-file checkpoint: a local diffusers folder (an absolute path on the worker host)
+    whose model_index.json, component configs, scheduler and tokenizers the checkpoint is loaded
+    with (its weights are not needed); empty = the family's standard config repo in the
+    worker's HF cache (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 for sd1).
+    """
     @_builtins.property
     def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraAdapter]:
         """LoRAs fused at load."""
@@ -283,10 +290,11 @@ class ImageLoadOptions(_message.Message):
         vae: _builtins.str = ...,
         family: _builtins.str = ...,
         safety_checker: _builtins.bool = ...,
+        config: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention_slicing", b"attention_slicing", "cpu_offload", b"cpu_offload", "dtype", b"dtype", "family", b"family", "loras", b"loras", "safety_checker", b"safety_checker", "scheduler", b"scheduler", "vae", b"vae", "vae_slicing", b"vae_slicing", "vae_tiling", b"vae_tiling", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention_slicing", b"attention_slicing", "config", b"config", "cpu_offload", b"cpu_offload", "dtype", b"dtype", "family", b"family", "loras", b"loras", "safety_checker", b"safety_checker", "scheduler", b"scheduler", "vae", b"vae", "vae_slicing", b"vae_slicing", "vae_tiling", b"vae_tiling", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,374 @@
+"""Single-file Stable Diffusion checkpoints (the ldm layout CivitAI serves) on the image worker.
+
+The tiny SD1 pipeline (tests/fixtures/sd_single_file.py) is written once as a diffusers folder
+and once as ONE ldm-layout .safetensors file. The real DiffusersEngine loads the file with
+`from_single_file` and the folder's configs (given as image.config, or found as the sd1 config
+repo in an HF cache holding only the config files), and must give the same image as the folder
+for the same seed, steps and size; without configs the load fails saying what to fetch. Then the
+same through a gRPC worker.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client import CollectorRegistry
+
+from rbee.catalog.v1 import catalog_pb2 as cpb
+from rbee.provisioner.v1 import provisioner_pb2 as ppb
+from rbee.worker.v1 import image_pb2, load_pb2, worker_pb2_grpc
+from rbee.worker.v1 import worker_pb2 as pb
+from services.catalog.domain import DeviceKind
+from services.catalog.inspect import inspect_path
+from services.catalog.link import GrpcCatalogLink
+from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.server import RunningServer, ServiceBinding, start_server
+from services.worker.devices import DeviceSpec
+from services.worker.engines.diffusers_engine import DiffusersEngine, missing_config_files
+from services.worker.engines.image_base import (
+    SINGLE_FILE_CONFIG_REPOS,
+    ImageLoadOptions,
+    ImageParams,
+)
+from services.worker.metrics import WorkerMetrics
+from services.worker.service import WorkerService
+from services.worker.servicer import SERVICE_NAME, WorkerServicer
+from tests.fixtures.fake_hub import FakeHub
+from tests.fixtures.sd_single_file import (
+    _component_state,
+    config_files,
+    ldm_state_dict,
+    write_config_repo_cache,
+    write_tiny_sd1_pipeline,
+    write_tiny_sd1_single_file,
+)
+from tests.integration.provisioner_harness import Mesh
+from tests.integration.server_harness import error_reason, serve_in_thread, serve_worker
+
+pytestmark = [pytest.mark.integration, pytest.mark.sd, pytest.mark.slow]
+
+SD1_REPO = SINGLE_FILE_CONFIG_REPOS["sd1"]
+STEPS = 3
+RPC_TIMEOUT = 30
+PARAMS: dict[str, Any] = {
+    "prompt": "a red cube",
+    "steps": STEPS,
+    "width": 64,
+    "height": 64,
+    "seed": 7,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread (see DiffusersEngine), restored afterwards: the setting is global."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def sd1_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_sd1_pipeline(tmp_path_factory.mktemp("sd1") / "tiny-sd1")
+
+
+@pytest.fixture(scope="module")
+def sd1_file(sd1_folder: Path) -> Path:
+    return write_tiny_sd1_single_file(sd1_folder, sd1_folder.parent / "tiny-sd1.safetensors")
+
+
+@pytest.fixture(scope="module")
+def hf_cache(sd1_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An HF cache holding the sd1 config repo: the tiny pipeline's config files only."""
+    cache = tmp_path_factory.mktemp("hf-cache")
+    write_config_repo_cache(sd1_folder, cache, SD1_REPO)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def folder_image(sd1_folder: Path) -> np.ndarray:
+    """The folder's image for PARAMS: what every single-file load must reproduce."""
+    engine = DiffusersEngine("cpu", threads=1)
+    load(engine, sd1_folder)
+    return generate(engine)
+
+
+def no_progress(_fraction: float, _message: str) -> None:
+    return None
+
+
+def load(engine: DiffusersEngine, path: Path, **options: Any) -> None:
+    engine.load(
+        path,
+        ImageLoadOptions(dtype="float32", **options),
+        progress=no_progress,
+        cancel=threading.Event(),
+    )
+
+
+def generate(engine: DiffusersEngine) -> np.ndarray:
+    result = engine.generate(
+        ImageParams.model_validate(PARAMS), on_progress=lambda _e: None, cancel=threading.Event()
+    )
+    return np.asarray(Image.open(io.BytesIO(result.images[0].png)))
+
+
+# ---- the fixture itself ----------------------------------------------------------------------
+
+
+def test_the_fixture_is_an_ldm_sd1_checkpoint_diffusers_converts_back_exactly(
+    sd1_folder: Path, sd1_file: Path
+) -> None:
+    import torch
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
+
+    checkpoint = ldm_state_dict(sd1_folder)
+    assert any(k.startswith("model.diffusion_model.input_blocks.1.1.") for k in checkpoint)
+    assert checkpoint["first_stage_model.encoder.mid.attn_1.q.weight"].ndim == 4  # 1x1 conv
+    configs = {c: json.loads((sd1_folder / c / "config.json").read_text()) for c in ("unet", "vae")}
+    converted = {
+        "unet": convert_ldm_unet_checkpoint(checkpoint, configs["unet"]),  # type: ignore[no-untyped-call]
+        "vae": convert_ldm_vae_checkpoint(checkpoint, configs["vae"]),  # type: ignore[no-untyped-call]
+        "text_encoder": {
+            k.removeprefix("text_model."): v
+            for k, v in convert_ldm_clip_checkpoint(checkpoint).items()  # type: ignore[no-untyped-call]
+        },
+    }
+    for component, state in converted.items():
+        original = _component_state(sd1_folder / component)
+        assert state.keys() == original.keys(), component
+        assert all(torch.equal(state[k], original[k]) for k in original), component
+    metadata = inspect_path(sd1_file)
+    assert metadata.family == "sd1" and metadata.needs_components == []
+
+
+# ---- the engine ------------------------------------------------------------------------------
+
+
+def test_single_file_with_a_config_folder_gives_the_folders_image(
+    sd1_file: Path, sd1_folder: Path, folder_image: np.ndarray, tmp_path: Path
+) -> None:
+    engine = DiffusersEngine("cpu", threads=1, hf_cache=tmp_path)  # an empty cache: not used
+    load(engine, sd1_file, config=str(sd1_folder))
+    assert engine.loaded is not None
+    assert engine.loaded.name == "StableDiffusionPipeline"
+    assert engine.loaded.path == str(sd1_file)
+    assert np.array_equal(generate(engine), folder_image)
+
+
+def test_single_file_finds_its_family_configs_in_the_hf_cache(
+    sd1_file: Path, hf_cache: Path, folder_image: np.ndarray
+) -> None:
+    snapshot = next((hf_cache / f"models--{SD1_REPO.replace('/', '--')}" / "snapshots").iterdir())
+    assert not list(snapshot.rglob("*.safetensors"))  # configs only: no weights
+    engine = DiffusersEngine("cpu", threads=1, hf_cache=hf_cache)
+    load(engine, sd1_file)  # family from inspection: sd1
+    assert np.array_equal(generate(engine), folder_image)
+    load(engine, sd1_file, family="sd1")  # the same, said explicitly
+    assert engine.loaded is not None and engine.loaded.name == "StableDiffusionPipeline"
+
+
+def test_missing_configs_say_which_repo_and_how_to_fetch_it(
+    sd1_file: Path, sd1_folder: Path, tmp_path: Path
+) -> None:
+    empty_cache = tmp_path / "empty-cache"
+    engine = DiffusersEngine("cpu", threads=1, hf_cache=empty_cache)
+    with pytest.raises(FailedPrecondition) as missing:
+        load(engine, sd1_file)
+    error = missing.value
+    assert error.reason == "FAILED_PRECONDITION"
+    assert SD1_REPO in str(error) and str(empty_cache) in str(error)
+    assert f"hf download {SD1_REPO}" in str(error) and "image.config" in str(error)
+    assert [v.subject for v in error.violations] == [f"hf:{SD1_REPO}"]
+    assert error.metadata == {"family": "sd1", "config_repo": SD1_REPO}
+    assert engine.loaded is None
+
+    # A cached repo without its tokenizer: the message lists what is missing.
+    partial = tmp_path / "partial-cache"
+    snapshot = write_config_repo_cache(sd1_folder, partial, SD1_REPO)
+    for file in (snapshot / "tokenizer").iterdir():
+        file.unlink()
+    assert missing_config_files(snapshot) == ["tokenizer/"]
+    with pytest.raises(FailedPrecondition, match=r"lacks tokenizer/"):
+        load(DiffusersEngine("cpu", threads=1, hf_cache=partial), sd1_file)
+
+
+def test_bad_single_file_options(sd1_file: Path, sd1_folder: Path, tmp_path: Path) -> None:
+    engine = DiffusersEngine("cpu", threads=1, hf_cache=tmp_path)
+    with pytest.raises(InvalidArgument, match=r"image\.config"):
+        load(engine, sd1_file, config="relative/folder")
+    with pytest.raises(FailedPrecondition, match=r"lacks model_index\.json"):
+        load(engine, sd1_file, config=str(tmp_path))
+    with pytest.raises(FailedPrecondition, match="knows no config repo for sd9") as unknown:
+        load(engine, sd1_file, family="sd9")
+    assert unknown.value.reason == "INCOMPATIBLE_MODEL"
+    # Configs of another shape than the file: diffusers' conversion fails, reported as such.
+    other = tmp_path / "other"
+    for relative in config_files(sd1_folder):
+        (other / relative).parent.mkdir(parents=True, exist_ok=True)
+        (other / relative).write_bytes((sd1_folder / relative).read_bytes())
+    unet_config = json.loads((other / "unet" / "config.json").read_text())
+    unet_config["block_out_channels"] = [16, 32]
+    (other / "unet" / "config.json").write_text(json.dumps(unet_config))
+    with pytest.raises(FailedPrecondition, match=r"cannot load tiny-sd1\.safetensors") as shapes:
+        load(engine, sd1_file, config=str(other))
+    assert shapes.value.reason == "MODEL_FILE_INVALID"
+    assert engine.loaded is None
+
+
+# ---- through a gRPC worker -------------------------------------------------------------------
+
+
+def imagine(stub: worker_pb2_grpc.WorkerServiceStub) -> np.ndarray:
+    request = image_pb2.GenerateImageRequest(params=image_pb2.ImageParams(**PARAMS))
+    results = [
+        message.result
+        for message in stub.GenerateImage(request, timeout=RPC_TIMEOUT)
+        if message.WhichOneof("event") == "result"
+    ]
+    assert len(results) == 1
+    return np.asarray(Image.open(io.BytesIO(results[0].images[0].data)))
+
+
+def test_a_grpc_worker_loads_the_single_file_and_generates(
+    sd1_file: Path, sd1_folder: Path, hf_cache: Path, folder_image: np.ndarray, tmp_path: Path
+) -> None:
+    engine = DiffusersEngine("cpu", threads=1, hf_cache=hf_cache)
+    with (
+        serve_worker(engine, engine_name="diffusers", metrics_listen=None) as (running, _),
+        grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+    ):
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        image = load_pb2.ImageLoadOptions(dtype="float32")
+        responses = list(
+            stub.LoadModel(
+                pb.LoadModelRequest(paths=[str(sd1_file)], image=image), timeout=RPC_TIMEOUT
+            )
+        )
+        worker = responses[-1].worker
+        assert worker.state == pb.WORKER_STATE_READY
+        assert worker.loaded_model.image.family == "sd1"  # inspection's, handed to the engine
+        assert np.array_equal(imagine(stub), folder_image)
+
+        # image.config over the wire: the folder's configs, the same image.
+        with_config = load_pb2.ImageLoadOptions(dtype="float32", config=str(sd1_folder))
+        list(
+            stub.LoadModel(
+                pb.LoadModelRequest(paths=[str(sd1_file)], image=with_config),
+                timeout=RPC_TIMEOUT,
+            )
+        )
+        assert np.array_equal(imagine(stub), folder_image)
+
+    # A worker whose HF cache lacks the configs refuses the load with the reason.
+    bare = DiffusersEngine("cpu", threads=1, hf_cache=tmp_path / "empty")
+    with (
+        serve_worker(bare, engine_name="diffusers", metrics_listen=None) as (running, _),
+        grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+    ):
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(
+                stub.LoadModel(
+                    pb.LoadModelRequest(paths=[str(sd1_file)], image=image), timeout=RPC_TIMEOUT
+                )
+            )
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error_reason(refused.value) == "FAILED_PRECONDITION"
+        assert f"hf download {SD1_REPO}" in (refused.value.details() or "")
+
+
+# ---- pulled by the provisioner, loaded by catalog name ---------------------------------------
+
+
+@contextmanager
+def worker_with_catalog(
+    engine: DiffusersEngine, catalog_address: str
+) -> Iterator[worker_pb2_grpc.WorkerServiceStub]:
+    """An image WorkerService with a GrpcCatalogLink, served on 127.0.0.1:0."""
+
+    async def build() -> tuple[RunningServer, None]:
+        catalog = GrpcCatalogLink(catalog_address, deadline=5.0)
+        service = WorkerService(
+            engine,
+            device=DeviceSpec(kind=DeviceKind.CPU),
+            engine_name="diffusers",
+            queue_size=2,
+            metrics=WorkerMetrics(CollectorRegistry()),
+            catalog=catalog,
+        )
+        running = await start_server(
+            [
+                ServiceBinding(
+                    worker_pb2_grpc.add_WorkerServiceServicer_to_server,
+                    WorkerServicer(service),
+                    SERVICE_NAME,
+                )
+            ],
+            listen="127.0.0.1:0",
+            metrics_listen=None,
+            registry=CollectorRegistry(),
+        )
+        running.on_stop(catalog.close)
+        running.on_stop(service.close)
+        await running.set_serving()
+        return running, None
+
+    with (
+        serve_in_thread(build, name="single-file-catalog-worker") as (running, _),
+        grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+    ):
+        yield worker_pb2_grpc.WorkerServiceStub(channel)
+
+
+def test_a_pulled_single_file_brings_its_configs_and_loads_by_name(
+    mesh: Mesh, hub: FakeHub, sd1_file: Path, sd1_folder: Path, folder_image: np.ndarray
+) -> None:
+    from huggingface_hub import try_to_load_from_cache
+
+    configs = {str(r): sd1_folder / r for r in config_files(sd1_folder)}
+    weights = sd1_folder / "unet" / "diffusion_pytorch_model.safetensors"
+    hub.add_repo(SD1_REPO, {**configs, "unet/diffusion_pytorch_model.safetensors": weights})
+    hub.add_repo("civit/tiny-sd1", {"tiny-sd1.safetensors": sd1_file})
+
+    stream = mesh.provisioner.PullModel(
+        ppb.PullModelRequest(source="hf:civit/tiny-sd1:tiny-sd1.safetensors"), timeout=60
+    )
+    messages = [m.progress.message for m in stream if m.HasField("progress")]
+    assert any(f"fetching the sd1 configs from {SD1_REPO}" in m for m in messages)
+    assert any(f"{len(configs)}/{len(configs)}" in m for m in messages)  # every file reported
+    models = mesh.catalog.ListModels(cpb.ListModelsRequest(), timeout=10).models
+    model = next(m for m in models if m.source.repo == "civit/tiny-sd1")
+    assert model.state == cpb.MODEL_STATE_READY and model.metadata.family == "sd1"
+
+    index = try_to_load_from_cache(SD1_REPO, "model_index.json", cache_dir=mesh.hf_cache)
+    assert isinstance(index, str)
+    snapshot = Path(index).parent
+    assert sorted(str(p) for p in config_files(snapshot)) == sorted(configs)
+    assert not list(snapshot.rglob("*.safetensors"))  # never the config repo's weights
+
+    engine = DiffusersEngine("cpu", threads=1, hf_cache=mesh.hf_cache)
+    with worker_with_catalog(engine, mesh.catalog_address) as stub:
+        image = load_pb2.ImageLoadOptions(dtype="float32")
+        responses = list(
+            stub.LoadModel(pb.LoadModelRequest(model=model.name, image=image), timeout=RPC_TIMEOUT)
+        )
+        assert responses[-1].worker.state == pb.WORKER_STATE_READY
+        assert responses[-1].worker.model == model.name
+        assert np.array_equal(imagine(stub), folder_image)
