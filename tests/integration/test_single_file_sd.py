@@ -6,6 +6,11 @@ and once as ONE ldm-layout .safetensors file. The real DiffusersEngine loads the
 repo in an HF cache holding only the config files), and must give the same image as the folder
 for the same seed, steps and size; without configs the load fails saying what to fetch. Then the
 same through a gRPC worker.
+
+Then SD2 and SDXL (tiny pipelines shaped so the catalog and diffusers name their families): the
+single file gives the folder's image with the folder as image.config and with a configs-only HF
+cache under the family's repo; SD2's prediction type is the config's unless the file's ModelSpec
+header declares another; a pulled SDXL file brings both text encoders' configs.
 """
 
 from __future__ import annotations
@@ -34,7 +39,11 @@ from services.catalog.link import GrpcCatalogLink
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.server import RunningServer, ServiceBinding, start_server
 from services.worker.devices import DeviceSpec
-from services.worker.engines.diffusers_engine import DiffusersEngine, missing_config_files
+from services.worker.engines.diffusers_engine import (
+    DiffusersEngine,
+    declared_prediction_type,
+    missing_config_files,
+)
 from services.worker.engines.image_base import (
     SINGLE_FILE_CONFIG_REPOS,
     ImageLoadOptions,
@@ -49,6 +58,7 @@ from tests.fixtures.sd_single_file import (
     config_files,
     ldm_state_dict,
     write_config_repo_cache,
+    write_ldm_single_file,
     write_tiny_sd1_pipeline,
     write_tiny_sd1_single_file,
 )
@@ -372,3 +382,240 @@ def test_a_pulled_single_file_brings_its_configs_and_loads_by_name(
         assert responses[-1].worker.state == pb.WORKER_STATE_READY
         assert responses[-1].worker.model == model.name
         assert np.array_equal(imagine(stub), folder_image)
+
+
+# ---- SD2 and SDXL ----------------------------------------------------------------------------
+# The same checks on an SD2-shaped and an SDXL-shaped tiny pipeline (tests/fixtures/sd_models.py),
+# each built once per module: diffusers converts their ldm copies back exactly, the catalog and
+# diffusers both name the family, and the engine gives the folder's image from the single file
+# with the folder as image.config and with a configs-only HF cache under the family's repo.
+
+# family -> (pipeline class, diffusers' model type for the ldm file)
+FAMILIES = {
+    "sd2": ("StableDiffusionPipeline", "v2"),
+    "sdxl": ("StableDiffusionXLPipeline", "xl_base"),
+}
+
+
+class FamilyCase:
+    """One family's tiny pipeline: the folder, its single file, a configs-only HF cache, and
+    the folder's image for PARAMS."""
+
+    def __init__(self, family: str, base: Path) -> None:
+        from tests.fixtures.sd_models import write_tiny_sd2_pipeline, write_tiny_sdxl_pipeline
+
+        writer = write_tiny_sd2_pipeline if family == "sd2" else write_tiny_sdxl_pipeline
+        self.family = family
+        self.pipeline_class, self.diffusers_type = FAMILIES[family]
+        self.repo = SINGLE_FILE_CONFIG_REPOS[family]
+        self.folder = writer(base / f"tiny-{family}")
+        self.file = write_ldm_single_file(self.folder, base / f"tiny-{family}.safetensors")
+        self.hf_cache = base / "hf-cache"
+        write_config_repo_cache(self.folder, self.hf_cache, self.repo)
+        engine = DiffusersEngine("cpu", threads=1)
+        load(engine, self.folder)
+        self.folder_image = generate(engine)
+        self.folder_scheduler = dict(engine_pipe(engine).scheduler.config)
+
+
+def engine_pipe(engine: DiffusersEngine) -> Any:
+    """The engine's loaded diffusers pipeline (what the tests compare configs on)."""
+    return engine._pipe
+
+
+class FamilyCases:
+    """Each family's FamilyCase, built on first use and kept for the module."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self._factory = tmp_path_factory
+        self._cases: dict[str, FamilyCase] = {}
+
+    def get(self, family: str) -> FamilyCase:
+        if family not in self._cases:
+            self._cases[family] = FamilyCase(family, self._factory.mktemp(family))
+        return self._cases[family]
+
+
+@pytest.fixture(scope="module")
+def family_cases(tmp_path_factory: pytest.TempPathFactory) -> FamilyCases:
+    return FamilyCases(tmp_path_factory)
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def case(request: pytest.FixtureRequest, family_cases: FamilyCases) -> FamilyCase:
+    return family_cases.get(str(request.param))
+
+
+def test_the_fixture_is_an_ldm_checkpoint_of_its_family_diffusers_converts_back_exactly(
+    case: FamilyCase,
+) -> None:
+    import torch
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+        infer_diffusers_model_type,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    checkpoint = ldm_state_dict(case.folder)
+    assert infer_diffusers_model_type(checkpoint) == case.diffusers_type  # type: ignore[no-untyped-call]
+    configs = {
+        c: json.loads((case.folder / c / "config.json").read_text()) for c in ("unet", "vae")
+    }
+
+    def without_wrapper(state: dict[str, Any]) -> dict[str, Any]:
+        # transformers >= 5.6 CLIPTextModel has no `text_model.` level (see clip_to_ldm)
+        return {k.removeprefix("text_model."): v for k, v in state.items()}
+
+    converted: dict[str, dict[str, Any]] = {
+        "unet": convert_ldm_unet_checkpoint(checkpoint, configs["unet"]),  # type: ignore[no-untyped-call]
+        "vae": convert_ldm_vae_checkpoint(checkpoint, configs["vae"]),  # type: ignore[no-untyped-call]
+    }
+    if case.family == "sd2":
+        assert any(
+            k.startswith("cond_stage_model.model.transformer.resblocks.0.") for k in checkpoint
+        )
+        text = CLIPTextModel.from_pretrained(case.folder / "text_encoder", local_files_only=True)
+        converted["text_encoder"] = without_wrapper(
+            convert_open_clip_checkpoint(text, checkpoint)  # type: ignore[no-untyped-call]
+        )
+    else:
+        assert checkpoint["model.diffusion_model.label_emb.0.0.weight"].ndim == 2
+        converted["text_encoder"] = without_wrapper(
+            convert_ldm_clip_checkpoint(checkpoint)  # type: ignore[no-untyped-call]
+        )
+        text_2 = CLIPTextModelWithProjection.from_pretrained(
+            case.folder / "text_encoder_2", local_files_only=True
+        )
+        converted["text_encoder_2"] = convert_open_clip_checkpoint(  # type: ignore[no-untyped-call]
+            text_2, checkpoint, prefix="conditioner.embedders.1.model."
+        )
+    for component, state in converted.items():
+        original = _component_state(case.folder / component)
+        assert state.keys() == original.keys(), component
+        assert all(torch.equal(state[k], original[k]) for k in original), component
+    for path in (case.file, case.folder):
+        metadata = inspect_path(path)
+        assert metadata.family == case.family, path
+        assert metadata.needs_components == [], path
+
+
+def test_the_single_file_gives_the_folders_image_with_the_folder_as_config(
+    case: FamilyCase, tmp_path: Path
+) -> None:
+    engine = DiffusersEngine("cpu", threads=1, hf_cache=tmp_path)  # an empty cache: not used
+    load(engine, case.file, config=str(case.folder))
+    assert engine.loaded is not None and engine.loaded.name == case.pipeline_class
+    assert dict(engine_pipe(engine).scheduler.config) == case.folder_scheduler
+    assert np.array_equal(generate(engine), case.folder_image)
+
+
+def test_the_single_file_finds_its_family_configs_in_a_configs_only_hf_cache(
+    case: FamilyCase,
+) -> None:
+    snapshot = next(
+        (case.hf_cache / f"models--{case.repo.replace('/', '--')}" / "snapshots").iterdir()
+    )
+    assert not list(snapshot.rglob("*.safetensors"))  # configs only: no weights
+    if case.family == "sdxl":  # the second encoder's config and tokenizer come along
+        assert missing_config_files(snapshot) == []
+        assert (snapshot / "tokenizer_2" / "tokenizer_config.json").is_file()
+    engine = DiffusersEngine("cpu", threads=1, hf_cache=case.hf_cache)
+    load(engine, case.file)  # family from inspection
+    assert engine.loaded is not None and engine.loaded.name == case.pipeline_class
+    assert dict(engine_pipe(engine).scheduler.config) == case.folder_scheduler
+    assert np.array_equal(generate(engine), case.folder_image)
+
+
+def test_sd2_prediction_type_is_the_configs_unless_the_file_declares_its_own(
+    family_cases: FamilyCases, tmp_path: Path
+) -> None:
+    """v-prediction cannot be read from an SD2 file's weights (diffusers' own guess looks at
+    `global_step`): the single-file path takes the config's scheduler (v_prediction, as
+    stable-diffusion-2-1's), and an epsilon config gives epsilon (and another image). A file
+    whose ModelSpec header says epsilon (the 512-px SD2 base) gets epsilon with the family
+    repo's v-prediction configs; with an explicit image.config the config decides."""
+    case = family_cases.get("sd2")
+    assert case.folder_scheduler["prediction_type"] == "v_prediction"
+    engine = DiffusersEngine("cpu", threads=1, hf_cache=case.hf_cache)
+    load(engine, case.file)
+    assert engine_pipe(engine).scheduler.config.prediction_type == "v_prediction"
+    # Per-request schedulers are built from the loaded config: still v-prediction.
+    euler = ImageParams.model_validate({**PARAMS, "scheduler": "euler"})
+    from_file = engine.generate(euler, on_progress=lambda _e: None, cancel=threading.Event())
+    assert engine_pipe(engine).scheduler.config.prediction_type == "v_prediction"
+    folder_engine = DiffusersEngine("cpu", threads=1)
+    load(folder_engine, case.folder)
+    from_folder = folder_engine.generate(
+        euler, on_progress=lambda _e: None, cancel=threading.Event()
+    )
+    assert from_file.images[0].png == from_folder.images[0].png
+
+    epsilon = tmp_path / "sd2-epsilon-configs"
+    for relative in config_files(case.folder):
+        (epsilon / relative).parent.mkdir(parents=True, exist_ok=True)
+        (epsilon / relative).write_bytes((case.folder / relative).read_bytes())
+    scheduler_file = epsilon / "scheduler" / "scheduler_config.json"
+    scheduler = json.loads(scheduler_file.read_text())
+    scheduler["prediction_type"] = "epsilon"
+    scheduler_file.write_text(json.dumps(scheduler))
+    load(engine, case.file, config=str(epsilon))
+    assert engine_pipe(engine).scheduler.config.prediction_type == "epsilon"
+    epsilon_image = generate(engine)
+    assert not np.array_equal(epsilon_image, case.folder_image)
+
+    base_512 = write_ldm_single_file(
+        case.folder,
+        tmp_path / "tiny-sd2-512.safetensors",
+        metadata={
+            "modelspec.architecture": "stable-diffusion-v2-512",
+            "modelspec.prediction_type": "epsilon",
+        },
+    )
+    assert declared_prediction_type(base_512) == "epsilon"
+    assert declared_prediction_type(case.file) == "v_prediction"  # stable-diffusion-v2-768-v
+    load(engine, base_512)  # the family repo's configs say v_prediction; the file says epsilon
+    assert engine_pipe(engine).scheduler.config.prediction_type == "epsilon"
+    assert np.array_equal(generate(engine), epsilon_image)
+    load(engine, base_512, config=str(case.folder))  # an explicit config is taken as is
+    assert engine_pipe(engine).scheduler.config.prediction_type == "v_prediction"
+    assert np.array_equal(generate(engine), case.folder_image)
+
+
+def test_a_pulled_sdxl_single_file_brings_both_encoders_configs_and_loads_by_name(
+    mesh: Mesh, hub: FakeHub, family_cases: FamilyCases
+) -> None:
+    from huggingface_hub import try_to_load_from_cache
+
+    case = family_cases.get("sdxl")
+    configs = {str(r): case.folder / r for r in config_files(case.folder)}
+    assert {"text_encoder_2/config.json", "tokenizer_2/tokenizer_config.json"} <= set(configs)
+    weights = case.folder / "text_encoder_2" / "model.safetensors"
+    hub.add_repo(case.repo, {**configs, "text_encoder_2/model.safetensors": weights})
+    hub.add_repo("civit/tiny-sdxl", {"tiny-sdxl.safetensors": case.file})
+
+    stream = mesh.provisioner.PullModel(
+        ppb.PullModelRequest(source="hf:civit/tiny-sdxl:tiny-sdxl.safetensors"), timeout=60
+    )
+    messages = [m.progress.message for m in stream if m.HasField("progress")]
+    assert any(f"fetching the sdxl configs from {case.repo}" in m for m in messages)
+    models = mesh.catalog.ListModels(cpb.ListModelsRequest(), timeout=10).models
+    model = next(m for m in models if m.source.repo == "civit/tiny-sdxl")
+    assert model.state == cpb.MODEL_STATE_READY and model.metadata.family == "sdxl"
+    index = try_to_load_from_cache(case.repo, "model_index.json", cache_dir=mesh.hf_cache)
+    assert isinstance(index, str)
+    snapshot = Path(index).parent
+    assert sorted(str(p) for p in config_files(snapshot)) == sorted(configs)
+    assert not list(snapshot.rglob("*.safetensors"))
+
+    engine = DiffusersEngine("cpu", threads=1, hf_cache=mesh.hf_cache)
+    with worker_with_catalog(engine, mesh.catalog_address) as stub:
+        image = load_pb2.ImageLoadOptions(dtype="float32")
+        responses = list(
+            stub.LoadModel(pb.LoadModelRequest(model=model.name, image=image), timeout=RPC_TIMEOUT)
+        )
+        assert responses[-1].worker.state == pb.WORKER_STATE_READY
+        assert responses[-1].worker.loaded_model.image.family == "sdxl"
+        assert np.array_equal(imagine(stub), case.folder_image)

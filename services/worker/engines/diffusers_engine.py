@@ -11,7 +11,13 @@
   download the configs when they are not cached, even with `local_files_only=True`. The family
   is `image.family`, else inspection's; the pipeline class is the folder's model_index.json
   `_class_name`. No folder: FAILED_PRECONDITION saying which repo's files are missing and how to
-  fetch them.
+  fetch them. The scheduler (and so the prediction type) is the config folder's, with one
+  exception: a family repo serves one prediction type for the whole family (SD2's is
+  stabilityai/stable-diffusion-2-1, v-prediction), so when the configs come from it and the
+  file's own SAI ModelSpec header declares another (`modelspec.prediction_type` "epsilon"/"v",
+  or the architecture `stable-diffusion-v2-512` / `...-768-v`), the file's wins: an SD2
+  512-px base checkpoint is epsilon, and v-prediction would turn its images to noise. An
+  explicit `image.config` is taken as is.
 - Schedulers by name (SCHEDULERS) are built from the loaded scheduler's config, so the model's
   own beta schedule and prediction type are kept.
 - One pipeline call per image: image i uses seed + i on its own CPU torch.Generator (so a seed
@@ -200,6 +206,33 @@ def lora_adapter_name(path: Path) -> str:
     stat = resolved.stat()
     key = f"{resolved}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
     return "lora_" + hashlib.sha256(key).hexdigest()[:16]
+
+
+# SAI ModelSpec `modelspec.prediction_type` values -> diffusers' scheduler prediction_type.
+MODELSPEC_PREDICTION_TYPES = {"epsilon": "epsilon", "v": "v_prediction"}
+# SAI ModelSpec architectures that say the prediction type (SD2 comes in both).
+MODELSPEC_ARCHITECTURE_PREDICTION_TYPES = {
+    "stable-diffusion-v2-512": "epsilon",
+    "stable-diffusion-v2-768-v": "v_prediction",
+}
+
+
+def declared_prediction_type(path: Path) -> str | None:
+    """The scheduler prediction type ("epsilon", "v_prediction") the single-file checkpoint at
+    `path` declares in its safetensors header (SAI ModelSpec), or None: no header metadata, no
+    such key, or an unknown value. Reads the header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as checkpoint:  # type: ignore[no-untyped-call]
+            metadata = checkpoint.metadata() or {}
+    except Exception:  # not safetensors, unreadable: nothing declared
+        return None
+    declared = str(metadata.get("modelspec.prediction_type", "")).strip().lower()
+    if declared in MODELSPEC_PREDICTION_TYPES:
+        return MODELSPEC_PREDICTION_TYPES[declared]
+    architecture = str(metadata.get("modelspec.architecture", "")).strip().lower()
+    return MODELSPEC_ARCHITECTURE_PREDICTION_TYPES.get(architecture)
 
 
 # model_index.json components a single file never needs configs for (we never load them).
@@ -516,6 +549,8 @@ class DiffusersEngine(ImageEngine):
             pipe = self._from_pretrained(path, dtype)
         else:
             pipe = self._from_single_file(path, config, dtype)
+            if options.config is None:  # the family repo's configs (module docstring)
+                self._apply_declared_prediction_type(pipe, path)
         if cancel.is_set():
             raise Cancelled("the load was cancelled")
         pipe = pipe.to(self._device)
@@ -630,6 +665,25 @@ class DiffusersEngine(ImageEngine):
                 f"configs in {config}: {_short_reason(exc)}",
                 reason="MODEL_FILE_INVALID",
             ) from exc
+
+    @staticmethod
+    def _apply_declared_prediction_type(pipe: Any, path: Path) -> None:
+        """Rebuild `pipe`'s scheduler with the prediction type `path` declares when it differs
+        from the family config's (see the module docstring)."""
+        declared = declared_prediction_type(path)
+        current = pipe.scheduler.config.get("prediction_type")
+        if declared is None or current is None or declared == current:
+            return
+        logger.info(
+            "%s declares prediction_type %s; its family's config says %s: using %s",
+            path.name,
+            declared,
+            current,
+            declared,
+        )
+        pipe.scheduler = type(pipe.scheduler).from_config(
+            pipe.scheduler.config, prediction_type=declared
+        )
 
     def unload(self) -> None:
         """Drop the pipeline (and the CUDA cache when on a GPU); idempotent."""
