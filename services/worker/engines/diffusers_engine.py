@@ -449,6 +449,15 @@ class _StepReporter:
         return tensors
 
 
+def _model_index(folder: Path) -> dict[str, Any]:
+    """A pipeline folder's model_index.json ({} when it cannot be read: the load then says why)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
 class DiffusersEngine(ImageEngine):
     """diffusers text-to-image pipelines on one torch device ("cpu", "cuda", "mps").
 
@@ -598,8 +607,13 @@ class DiffusersEngine(ImageEngine):
                 # `torch_dtype` is what every supported diffusers takes; newer ones also take
                 # `dtype` and warn about the old name.
                 warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+                # The safety checker is never loaded; say so only to pipelines that have one
+                # (SDXL's warns about an unexpected keyword).
+                extra: dict[str, Any] = {}
+                if "safety_checker" in _model_index(path):
+                    extra["safety_checker"] = None
                 return diffusers.DiffusionPipeline.from_pretrained(  # type: ignore[no-untyped-call]
-                    path, local_files_only=True, torch_dtype=dtype, safety_checker=None
+                    path, local_files_only=True, torch_dtype=dtype, **extra
                 )
         except (OSError, ValueError) as exc:
             raise FailedPrecondition(
