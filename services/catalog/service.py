@@ -34,7 +34,7 @@ from services.catalog.domain import (
 from services.catalog.filtering import parse_model_filter
 from services.catalog.ids import model_id_for_source, parse_resource_name, validate_id
 from services.catalog.inspect import InspectError, inspect_path
-from services.catalog.store import CatalogStore
+from services.catalog.store import CatalogStore, ModelRecord
 from services.catalog.worker_types import WorkerTypeRegistry
 from services.common.errors import (
     Aborted,
@@ -166,23 +166,40 @@ class CatalogService:
     # ---- models -------------------------------------------------------------------------
 
     async def get_model(self, name: str) -> Model:
+        return (await self.get_model_record(name)).model()
+
+    async def get_model_record(self, name: str) -> ModelRecord:
+        """`get_model` as the stored version (id, etag, JSON), unparsed: for callers that keep
+        what they derive from a version under (id, etag) (the servicer's protobuf cache)."""
         model_id = parse_resource_name(name, "models")
         # A primary-key read (~50 us) on the store's read-only connection, which never waits
         # for a write: served right here, without the thread hop (a third of GetModel's time).
-        return self._store.get_model(model_id)
+        return self._store.get_model_record(model_id)
 
     async def list_models(
         self, *, filter_text: str, page_size: int, page_token: str
     ) -> tuple[list[Model], str, int]:
+        records, token, total = await self.list_model_records(
+            filter_text=filter_text, page_size=page_size, page_token=page_token
+        )
+        return [record.model() for record in records], token, total
+
+    async def list_model_records(
+        self, *, filter_text: str, page_size: int, page_token: str
+    ) -> tuple[list[ModelRecord], str, int]:
+        """`list_models` as stored versions (id, etag, JSON), unparsed: the same filter, page
+        and token rules, the same total."""
         flt = parse_model_filter(filter_text)
 
-        def run() -> tuple[list[Model], str, int]:
-            models, token = self._store.list_models(flt, page_size=page_size, page_token=page_token)
+        def run() -> tuple[list[ModelRecord], str, int]:
+            records, token = self._store.list_model_records(
+                flt, page_size=page_size, page_token=page_token
+            )
             key = flt.normalized()
             total = self._counts.get(key)
             if total is None:
                 total = self._counts.put(key, self._store.count_models(flt))
-            return models, token, total
+            return records, token, total
 
         return await self._run_db(run)
 

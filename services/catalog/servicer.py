@@ -13,6 +13,7 @@ from google.protobuf.empty_pb2 import Empty
 from rbee.catalog.v1 import catalog_pb2 as pb
 from rbee.catalog.v1 import catalog_pb2_grpc
 from services.catalog import convert
+from services.catalog.message_cache import ModelMessageCache
 from services.catalog.pagination import normalize_page_size
 from services.catalog.service import CatalogService
 from services.common.errors import InvalidArgument
@@ -23,23 +24,24 @@ Context = Any  # grpc.aio.ServicerContext; the domain never sees it
 class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
     """Thin adapter from protobuf to CatalogService."""
 
-    def __init__(self, service: CatalogService) -> None:
+    def __init__(
+        self, service: CatalogService, *, messages: ModelMessageCache | None = None
+    ) -> None:
         self._service = service
+        # GetModel and ListModels serve stored versions (id, etag) through this cache: a model
+        # is parsed and converted once per version, not once per read (see message_cache).
+        self._messages = messages if messages is not None else ModelMessageCache()
 
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.Model:
-        return convert.model_to_pb(await self._service.get_model(request.name))
+        return self._messages.to_pb(await self._service.get_model_record(request.name))
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Context
     ) -> pb.ListModelsResponse:
-        models, token, total = await self._service.list_models(
+        records, token, total = await self._service.list_model_records(
             filter_text=request.filter, page_size=request.page_size, page_token=request.page_token
         )
-        return pb.ListModelsResponse(
-            models=[convert.model_to_pb(m) for m in models],
-            next_page_token=token,
-            total_size=total,
-        )
+        return self._messages.list_response(records, next_page_token=token, total_size=total)
 
     async def CreateModel(self, request: pb.CreateModelRequest, context: Context) -> pb.Model:
         if not request.HasField("model"):
@@ -55,19 +57,24 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         model = await self._service.update_model(
             request.model.name, convert.model_patch_from_pb(request)
         )
+        self._messages.discard(model.id)
         return convert.model_to_pb(model)
 
     async def DeleteModel(self, request: pb.DeleteModelRequest, context: Context) -> Empty:
-        await self._service.delete_model(
+        deleted = await self._service.delete_model(
             request.name,
             etag=request.etag,
             force=request.force,
             allow_missing=request.allow_missing,
         )
+        if deleted is not None:
+            self._messages.discard(deleted.id)
         return Empty()
 
     async def InspectModel(self, request: pb.InspectModelRequest, context: Context) -> pb.Model:
-        return convert.model_to_pb(await self._service.inspect_model(request.name))
+        model = await self._service.inspect_model(request.name)
+        self._messages.discard(model.id)
+        return convert.model_to_pb(model)
 
     async def InspectPath(
         self, request: pb.InspectPathRequest, context: Context

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -13,6 +14,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
+from prometheus_client import CollectorRegistry
 
 from rbee.catalog.v1 import catalog_pb2 as pb
 from rbee.catalog.v1 import catalog_pb2_grpc
@@ -24,6 +26,7 @@ from rbee_client.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
+from services.catalog import convert
 from services.catalog.domain import (
     Device,
     DeviceKind,
@@ -32,7 +35,12 @@ from services.catalog.domain import (
     SourceKind,
     Verdict,
 )
-from services.catalog.service import ModelDraft
+from services.catalog.message_cache import ModelMessageCache
+from services.catalog.service import CatalogService, HostInfo, ModelDraft
+from services.catalog.servicer import CatalogServicer
+from services.catalog.store import CatalogStore
+from services.catalog.worker_types import WorkerTypeRegistry
+from services.common.server import RunningServer, ServiceBinding, start_server
 from tests.fixtures.gguf_models import (
     LLAMA3_8B,
     write_header_only_gguf,
@@ -41,6 +49,7 @@ from tests.fixtures.gguf_models import (
 )
 from tests.fixtures.safetensors_models import sdxl_tensors, write_header_only_safetensors
 from tests.integration.catalog_harness import CatalogServer, running_catalog
+from tests.integration.server_harness import serve_in_thread
 
 pytestmark = pytest.mark.integration
 
@@ -448,3 +457,167 @@ def test_restart_keeps_everything(tmp_path: Path) -> None:
         created = c.register_local(str(path), model_id="keep")
     with running_catalog(home) as srv, CatalogClient(srv.address) as c:
         assert c.get_model("keep") == created
+
+
+# ---- the servicer's per-version message cache ------------------------------------------------
+
+
+def _names(stub: catalog_pb2_grpc.CatalogServiceStub, flt: str = "") -> list[str]:
+    response = stub.ListModels(pb.ListModelsRequest(filter=flt, page_size=100), timeout=5)
+    return [m.name for m in response.models]
+
+
+def test_every_write_is_visible_at_once_through_the_cache(
+    stub: catalog_pb2_grpc.CatalogServiceStub, tmp_path: Path
+) -> None:
+    path = write_tiny_llama_gguf(tmp_path / "m.gguf", n_ctx=256)
+    created = stub.CreateModel(
+        pb.CreateModelRequest(
+            model_id="cached",
+            model=pb.Model(
+                source=pb.ModelSource(kind=pb.SOURCE_KIND_LOCAL),
+                paths=[str(path)],
+                labels={"team": "ml"},
+            ),
+        ),
+        timeout=5,
+    )
+    get = pb.GetModelRequest(name="models/cached")
+    for _ in range(2):  # read twice: the second read is served from the cache
+        assert stub.GetModel(get, timeout=5) == created
+        listed = stub.ListModels(pb.ListModelsRequest(filter="labels.team=ml"), timeout=5)
+        assert list(listed.models) == [created]
+
+    # UpdateModel: labels and name change; every read and every filter sees it at once.
+    updated = stub.UpdateModel(
+        pb.UpdateModelRequest(
+            model=pb.Model(name="models/cached", display_name="Renamed", labels={"team": "ops"}),
+            update_mask=FieldMask(paths=["display_name", "labels"]),
+        ),
+        timeout=5,
+    )
+    assert stub.GetModel(get, timeout=5) == updated
+    assert _names(stub, "labels.team=ml") == []
+    listed = stub.ListModels(pb.ListModelsRequest(filter="labels.team=ops"), timeout=5)
+    assert list(listed.models) == [updated] and listed.models[0].display_name == "Renamed"
+
+    # A state change as the provisioner makes it (READY -> DOWNLOADING).
+    downloading = stub.UpdateModel(
+        pb.UpdateModelRequest(
+            model=pb.Model(name="models/cached", state=pb.MODEL_STATE_DOWNLOADING),
+            update_mask=FieldMask(paths=["state"]),
+        ),
+        timeout=5,
+    )
+    assert stub.GetModel(get, timeout=5).state == pb.MODEL_STATE_DOWNLOADING
+    assert _names(stub, "state=ready") == []
+    assert list(stub.ListModels(pb.ListModelsRequest(), timeout=5).models) == [downloading]
+
+    # InspectModel: the file changed on disk; fresh metadata is served at once.
+    stub.UpdateModel(
+        pb.UpdateModelRequest(
+            model=pb.Model(name="models/cached", state=pb.MODEL_STATE_READY),
+            update_mask=FieldMask(paths=["state"]),
+        ),
+        timeout=5,
+    )
+    assert stub.GetModel(get, timeout=5).metadata.context_length == 256
+    write_tiny_llama_gguf(path, n_ctx=512)
+    inspected = stub.InspectModel(pb.InspectModelRequest(name="models/cached"), timeout=5)
+    assert inspected.metadata.context_length == 512
+    assert stub.GetModel(get, timeout=5) == inspected
+    assert list(stub.ListModels(pb.ListModelsRequest(), timeout=5).models) == [inspected]
+
+    # DeleteModel: gone from every read; a new model under the same id is served fresh.
+    stub.DeleteModel(pb.DeleteModelRequest(name="models/cached"), timeout=5)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetModel(get, timeout=5)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert _names(stub) == [] and _names(stub, "state=ready") == []
+    recreated = stub.CreateModel(
+        pb.CreateModelRequest(
+            model_id="cached",
+            model=pb.Model(
+                source=pb.ModelSource(kind=pb.SOURCE_KIND_LOCAL),
+                paths=[str(path)],
+                display_name="Second life",
+            ),
+        ),
+        timeout=5,
+    )
+    assert stub.GetModel(get, timeout=5) == recreated
+    assert stub.GetModel(get, timeout=5).display_name == "Second life"
+    assert list(stub.ListModels(pb.ListModelsRequest(), timeout=5).models) == [recreated]
+
+
+@contextmanager
+def _catalog_with_cache(
+    home: Path, messages: ModelMessageCache
+) -> Iterator[tuple[str, CatalogStore]]:
+    """A catalog server whose servicer uses `messages`; yields its address and its store."""
+    store = CatalogStore.open(home / "catalog.db")
+
+    async def build() -> tuple[RunningServer, None]:
+        service = CatalogService(store, WorkerTypeRegistry(), host=HostInfo("linux", "x86_64"))
+        running = await start_server(
+            [
+                ServiceBinding(
+                    catalog_pb2_grpc.add_CatalogServiceServicer_to_server,
+                    CatalogServicer(service, messages=messages),
+                    "rbee.catalog.v1.CatalogService",
+                )
+            ],
+            listen="127.0.0.1:0",
+            metrics_listen=None,
+            registry=CollectorRegistry(),
+        )
+        running.on_stop(service.close)
+        await running.set_serving()
+        return running, None
+
+    with serve_in_thread(build, name="catalog-cache-test") as (running, _):
+        yield f"127.0.0.1:{running.port}", store
+
+
+def test_the_message_cache_is_bounded_and_pages_stay_exact(tmp_path: Path) -> None:
+    messages = ModelMessageCache(max_entries=3)
+    with (
+        _catalog_with_cache(tmp_path / "home", messages) as (address, store),
+        grpc.insecure_channel(address) as channel,
+    ):
+        stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+        for index in range(8):
+            stub.CreateModel(
+                pb.CreateModelRequest(
+                    model_id=f"m{index}",
+                    model=pb.Model(
+                        source=pb.ModelSource(kind=pb.SOURCE_KIND_URL, url=f"https://x/{index}"),
+                        labels={"parity": "odd" if index % 2 else "even"},
+                    ),
+                ),
+                timeout=5,
+            )
+        expected = {m.id: convert.model_to_pb(m) for m in store.list_models(page_size=100)[0]}
+        for flt, page_size in (("", 3), ("labels.parity=odd", 2), ("", 1)):
+            for _ in range(2):
+                seen: list[pb.Model] = []
+                token = ""
+                while True:
+                    response = stub.ListModels(
+                        pb.ListModelsRequest(filter=flt, page_size=page_size, page_token=token),
+                        timeout=5,
+                    )
+                    seen.extend(response.models)
+                    assert len(messages.versions) <= 3
+                    token = response.next_page_token
+                    if not token:
+                        break
+                wanted = [m for m in expected.values() if not flt or m.labels["parity"] == "odd"]
+                assert seen == wanted
+        # Walking 8 models through 3 entries evicts before any reuse; a repeated read hits.
+        for model_id, message in expected.items():
+            for _ in range(2):
+                request = pb.GetModelRequest(name=f"models/{model_id}")
+                assert stub.GetModel(request, timeout=5) == message
+                assert len(messages.versions) <= 3
+        assert messages.versions.hits >= len(expected)

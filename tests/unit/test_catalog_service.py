@@ -10,8 +10,15 @@ import pytest
 
 from services.catalog.domain import DeviceKind, ModelSource, ModelState, SourceKind
 from services.catalog.inspect import InspectError
-from services.catalog.service import CatalogService, HostInfo, ModelDraft, ModelPatch
+from services.catalog.service import (
+    CatalogService,
+    CompatibilityRequest,
+    HostInfo,
+    ModelDraft,
+    ModelPatch,
+)
 from services.catalog.store import CatalogStore
+from services.catalog.version_cache import ModelVersionCache
 from services.catalog.worker_types import WorkerTypeRegistry, detect_device_kinds
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from tests.fixtures.gguf_models import write_tiny_llama_gguf, write_truncated_gguf
@@ -217,3 +224,82 @@ async def test_reads_do_not_wait_for_a_write_in_progress(
     store = service._store  # the writer holds its lock as a long write transaction would
     with store._lock:
         assert (await service.get_model(model.name)).id == model.id
+
+
+# ---- per-version caches ---------------------------------------------------------------------
+
+
+def test_version_cache_is_keyed_by_etag_bounded_and_least_recently_used_first() -> None:
+    cache: ModelVersionCache[str] = ModelVersionCache(max_entries=2)
+    assert cache.get("a", "e1") is None
+    cache.put("a", "e1", "a@e1")
+    assert cache.get("a", "e1") == "a@e1"
+    assert cache.get("a", "e2") is None  # another version of the model is a miss
+    cache.put("a", "e2", "a@e2")  # replaces the old version: one entry per model
+    assert len(cache) == 1 and cache.get("a", "e1") is None and cache.get("a", "e2") == "a@e2"
+
+    cache.put("b", "e1", "b@e1")
+    assert cache.get("a", "e2") == "a@e2"  # a is now the most recently used
+    cache.put("c", "e1", "c@e1")  # over the bound: b, the least recently used, goes
+    assert len(cache) == 2
+    assert cache.get("b", "e1") is None
+    assert cache.get("a", "e2") == "a@e2" and cache.get("c", "e1") == "c@e1"
+
+    # A batch lookup: hits, a stale etag and an absent model, in order; hits refresh recency.
+    assert cache.get_many([("c", "e1"), ("a", "old"), ("zz", "e1"), ("a", "e2")]) == [
+        "c@e1",
+        None,
+        None,
+        "a@e2",
+    ]
+    cache.put("f", "e1", "f@e1")  # c was used before a in the batch, so c goes now
+    assert cache.get("c", "e1") is None and cache.get("a", "e2") == "a@e2"
+    cache.discard("a")
+    assert cache.get("a", "e2") is None and len(cache) == 1
+    cache.put("d", "", "never stored")  # no etag: not a stored version
+    assert cache.get("d", "") is None and len(cache) == 1
+    calls: list[str] = []
+
+    def compute() -> str:
+        calls.append("e")
+        return "e@x"
+
+    for _ in range(3):
+        assert cache.get_or_compute("e", "x", compute) == "e@x"
+    assert calls == ["e"]
+    assert cache.hits > 0 and cache.misses > 0
+    cache.clear()
+    assert len(cache) == 0
+    with pytest.raises(ValueError):
+        ModelVersionCache(max_entries=0)
+
+
+async def _context_used(service: CatalogService, name: str) -> int:
+    return (await service.evaluate_compatibility(CompatibilityRequest(model_name=name)))[1]
+
+
+async def test_compatibility_follows_every_write_of_the_model(
+    service: CatalogService, tmp_path: Path
+) -> None:
+    path = write_tiny_llama_gguf(tmp_path / "m.gguf", n_ctx=256)
+    model = await service.create_model(_local(path))
+    assert await _context_used(service, model.name) == 256
+
+    write_tiny_llama_gguf(path, n_ctx=512)  # the file changed; inspection stores new metadata
+    await service.inspect_model(model.name)
+    assert await _context_used(service, model.name) == 512
+
+    await service.update_model(
+        model.name,
+        ModelPatch(
+            fields=frozenset({"state"}),
+            values=ModelDraft(source=model.source, state=ModelState.DOWNLOADING),
+        ),
+    )
+    with pytest.raises(FailedPrecondition) as info:
+        await _context_used(service, model.name)
+    assert info.value.reason == "MODEL_NOT_READY"
+
+    await service.delete_model(model.name)
+    with pytest.raises(NotFound):
+        await _context_used(service, model.name)

@@ -30,6 +30,8 @@ from services.catalog.domain import (
     Verdict,
     WeightsBreakdown,
 )
+from services.catalog.message_cache import ModelMessageCache
+from services.catalog.store import ModelRecord
 from services.catalog.worker_types import WorkerTypeRegistry
 from services.common.errors import InvalidArgument
 
@@ -179,3 +181,81 @@ def test_update_mask_star_and_unset_state_are_refused() -> None:
     assert (
         patch.fields == {"display_name"} and patch.values.display_name == "x" and patch.etag == "e"
     )
+
+
+def _record(model: Model) -> ModelRecord:
+    return ModelRecord(model.id, model.etag, model.model_dump_json())
+
+
+def _versions(count: int) -> list[Model]:
+    now = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+    return [
+        Model(
+            id=f"m{index}",
+            display_name=f"Model {index}",
+            source=ModelSource(kind=SourceKind.HUGGINGFACE, repo=f"org/m{index}", files=["a.gguf"]),
+            paths=[f"/m/{index}.gguf"],
+            state=ModelState.READY if index % 2 else ModelState.FAILED,
+            metadata=_full_metadata() if index % 2 else None,
+            labels={"n": str(index)},
+            created_at=now,
+            updated_at=now,
+            etag=f"etag-{index}",
+        )
+        for index in range(count)
+    ]
+
+
+def test_message_cache_serves_exactly_what_model_to_pb_builds() -> None:
+    cache = ModelMessageCache(max_entries=16)
+    models = _versions(5)
+    for _ in range(2):  # the first round fills the cache, the second is served from it
+        response = cache.list_response(
+            [_record(m) for m in models], next_page_token="t", total_size=5
+        )
+        assert response == pb.ListModelsResponse(
+            models=[convert.model_to_pb(m) for m in models], next_page_token="t", total_size=5
+        )
+        for model in models:
+            assert cache.to_pb(_record(model)) == convert.model_to_pb(model)
+    assert cache.versions.hits >= len(models) and len(cache.versions) == len(models)
+
+    # A message handed out is the caller's own: changing it does not change the cache.
+    mine = cache.to_pb(_record(models[1]))
+    mine.display_name = "changed by a caller"
+    assert cache.to_pb(_record(models[1])).display_name == "Model 1"
+
+
+def test_message_cache_follows_the_etag_and_stays_bounded() -> None:
+    cache = ModelMessageCache(max_entries=3)
+    old = _versions(1)[0]
+    assert cache.to_pb(_record(old)).display_name == "Model 0"
+    new = old.model_copy(update={"display_name": "renamed", "etag": "etag-new"})
+    assert cache.to_pb(_record(new)).display_name == "renamed"
+    assert len(cache.versions) == 1  # one entry per model: the new version replaced the old
+
+    models = _versions(10)
+    for model in models:
+        assert cache.to_pb(_record(model)) == convert.model_to_pb(model)
+        assert len(cache.versions) <= 3
+    cache.discard(models[-1].id)
+    assert len(cache.versions) == 2
+
+
+def test_list_response_frames_messages_of_every_size() -> None:
+    # Length prefixes of one, two and three bytes (< 128, < 16384, larger) in one page.
+    small = _versions(1)[0].model_copy(update={"metadata": None, "id": "s", "etag": "e-s"})
+    big = _versions(2)[1].model_copy(
+        update={"id": "b", "etag": "e-b", "paths": [f"/m/{'x' * 300}/{i}" for i in range(64)]}
+    )
+    sizes = [len(convert.model_to_pb(m).SerializeToString()) for m in (small, _versions(2)[1], big)]
+    assert sizes[0] < 128 <= sizes[1] < 16384 <= sizes[2]
+    models = [small, _versions(2)[1], big]
+    cache = ModelMessageCache()
+    for _ in range(2):
+        response = cache.list_response(
+            [_record(m) for m in models], next_page_token="", total_size=3
+        )
+        assert list(response.models) == [convert.model_to_pb(m) for m in models]
+        assert response.total_size == 3 and response.next_page_token == ""
+    assert cache.list_response([], next_page_token="", total_size=0) == pb.ListModelsResponse()

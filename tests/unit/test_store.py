@@ -486,6 +486,47 @@ def test_pages_cover_everything_once_in_order(
     assert _collect(store, flt, page_size) == expected
 
 
+@pytest.mark.parametrize("text", ["", "state=ready", "labels.team=ml AND format=gguf"])
+def test_model_records_are_the_listed_models_unparsed(store: CatalogStore, text: str) -> None:
+    _catalog(store)
+    flt = parse_model_filter(text)
+    token, record_token = "", ""
+    for _ in range(100):
+        models, token = store.list_models(flt, page_size=7, page_token=token)
+        records, record_token = store.list_model_records(flt, page_size=7, page_token=record_token)
+        # The same page, the same next token (either one continues either listing).
+        assert [(r.id, r.etag) for r in records] == [(m.id, m.etag) for m in models]
+        assert [r.model() for r in records] == models
+        assert record_token == token
+        if not token:
+            break
+    else:
+        raise AssertionError("pagination did not end")
+
+
+def test_model_record_versions_change_with_every_write(store: CatalogStore) -> None:
+    created = store.create_model(_model("a1", labels={"team": "ml"}))
+    first = store.get_model_record("a1")
+    assert (first.id, first.etag) == ("a1", created.etag)
+    assert first.model() == store.get_model("a1") == created
+    # Each call parses afresh: what a caller changes is its own.
+    assert first.model() is not first.model()
+
+    updated = store.update_model(created.model_copy(update={"display_name": "renamed"}))
+    second = store.get_model_record("a1")
+    assert second.etag == updated.etag != first.etag
+    assert second.model().display_name == "renamed"
+    [listed] = store.list_model_records(parse_model_filter("labels.team=ml"))[0]
+    assert listed == second
+
+    store.delete_model("a1")
+    with pytest.raises(NotFound):
+        store.get_model_record("a1")
+    assert store.list_model_records()[0] == []
+    recreated = store.create_model(_model("a1"))
+    assert store.get_model_record("a1").etag == recreated.etag not in {first.etag, second.etag}
+
+
 def test_default_page_size_is_50(store: CatalogStore) -> None:
     _catalog(store)
     page, token = store.list_models(page_size=0)
