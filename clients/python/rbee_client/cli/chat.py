@@ -32,14 +32,13 @@ from typing import Any, TextIO
 from google.protobuf import json_format
 
 from rbee.worker.v1 import generation_pb2 as gen
-from rbee_client.cli.main import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError
+from rbee_client.cli.main import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError, client_security
 from rbee_client.cli.output import stderr_console
 from rbee_client.cli.target import (
     ResolvedWorker,
     Task,
     add_target_arguments,
     resolve_worker,
-    security_from_env,
 )
 
 REPL_HELP = (
@@ -421,7 +420,7 @@ def _say_target(args: argparse.Namespace, resolved: ResolvedWorker) -> None:
 def _worker_client(args: argparse.Namespace, resolved: ResolvedWorker) -> Any:
     from rbee_client.worker import WorkerClient
 
-    return WorkerClient(resolved.endpoint, security=security_from_env(), timeout=args.timeout)
+    return WorkerClient(resolved.endpoint, security=client_security(), timeout=args.timeout)
 
 
 def _finish_one_shot(args: argparse.Namespace, reply: Reply) -> int:

@@ -29,7 +29,7 @@ from google.protobuf import json_format
 
 from rbee.worker.v1 import image_pb2 as img
 from rbee.worker.v1 import load_pb2
-from rbee_client.cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError
+from rbee_client.cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError, client_security
 from rbee_client.cli.output import stderr_console
 from rbee_client.cli.target import (
     ResolvedWorker,
@@ -38,7 +38,6 @@ from rbee_client.cli.target import (
     Task,
     add_target_arguments,
     resolve_worker,
-    security_from_env,
 )
 
 FORMATS_BY_SUFFIX: dict[str, int] = {
@@ -362,7 +361,7 @@ def cmd_imagine(args: argparse.Namespace) -> int:
     from rbee_client.worker import WorkerClient
 
     with WorkerClient(
-        resolved.endpoint, security=security_from_env(), timeout=args.timeout
+        resolved.endpoint, security=client_security(), timeout=args.timeout
     ) as worker:
         events = worker.generate_image(params, timeout=args.request_timeout)
         result = run_image_stream(

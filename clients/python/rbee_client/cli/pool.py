@@ -13,9 +13,9 @@ from google.protobuf import json_format
 from rbee.worker.v1 import load_pb2
 from rbee.worker.v1 import pool_pb2 as pb
 from rbee.worker.v1 import worker_pb2 as wpb
+from rbee_client.cli.main import client_security
 from rbee_client.cli.output import human_bytes, print_json, print_table
 from rbee_client.pool import PoolClient, worker_name
-from services.common.channels import ChannelSecurity
 
 DEFAULT_POOL = "127.0.0.1:50091"
 
@@ -40,7 +40,7 @@ def _pool(args: argparse.Namespace, *, timeout: float | None = None) -> PoolClie
     return PoolClient(
         args.pool,
         timeout=timeout if timeout is not None else args.timeout,
-        security=_client_security(),
+        security=client_security(),
     )
 
 
@@ -228,9 +228,3 @@ def add_commands(workers: Any, sub: Any, common: argparse.ArgumentParser) -> Non
     p = sub.add_parser("devices", parents=[common], help="this hive's devices (from the pool)")
     pool_arg(p)
     p.set_defaults(func=cmd_devices)
-
-
-def _client_security() -> ChannelSecurity:
-    from rbee_client.cli.main import client_security
-
-    return client_security()

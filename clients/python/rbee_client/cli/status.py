@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rbee.common.v1 import info_pb2, info_pb2_grpc
 from rbee.worker.v1 import pool_pb2, pool_pb2_grpc
 from rbee.worker.v1 import worker_pb2 as wpb
+from rbee_client.cli.main import client_security
 from rbee_client.cli.output import print_json, print_table
 from services.common.channels import ChannelSecurity, open_channel
 
@@ -182,7 +183,7 @@ def _uptime_text(seconds: float | None) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     services = {"catalog": args.catalog, "provisioner": args.provisioner, "pool": args.pool}
-    rows = collect_status(services, security=_client_security(), timeout=args.timeout)
+    rows = collect_status(services, security=client_security(), timeout=args.timeout)
     code = status_exit_code(rows)
     if args.format == "json":
         print_json({"services": [asdict(r) for r in rows], "exit_code": code})
@@ -237,9 +238,3 @@ def add_commands(sub: Any) -> None:
         help="pool address host:port (env RBEE_POOL_ADDR)",
     )
     p.set_defaults(func=cmd_status)
-
-
-def _client_security() -> ChannelSecurity:
-    from rbee_client.cli.main import client_security
-
-    return client_security()

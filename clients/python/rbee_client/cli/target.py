@@ -36,7 +36,6 @@ from rbee_client.errors import (
     RbeeClientError,
     ServiceUnavailableError,
 )
-from services.common.channels import ChannelSecurity
 
 if TYPE_CHECKING:
     from rbee_client.pool import PoolClient
@@ -315,11 +314,6 @@ def add_target_arguments(parser: argparse.ArgumentParser, *, llm: bool) -> None:
     )
 
 
-def security_from_env() -> ChannelSecurity:
-    """Token and TLS settings from RBEE_TOKEN, RBEE_TLS_* (see services.common.channels)."""
-    return client_security()
-
-
 # ---- resolution ------------------------------------------------------------------------------
 
 
@@ -366,7 +360,7 @@ class TargetResolver:
         self.args = args
         self.task = task
         self.say = say
-        self.security = security_from_env()
+        self.security = client_security()
         self._pool: PoolClient | None = None
 
     def close(self) -> None:
