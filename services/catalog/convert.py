@@ -282,6 +282,7 @@ def model_to_pb(model: Model) -> pb.Model:
         state_message=model.state_message,
         labels=model.labels,
         etag=model.etag,
+        config_folder=model.config_folder,
     )
     _fill_timestamp(msg.create_time, model.created_at)
     _fill_timestamp(msg.update_time, model.updated_at)
@@ -304,6 +305,7 @@ def model_draft_from_pb(msg: pb.Model) -> ModelDraft:
         state=STATE_FROM_PB.get(msg.state) if msg.state else None,
         state_message=msg.state_message,
         labels=dict(msg.labels),
+        config_folder=msg.config_folder,
     )
 
 
@@ -328,6 +330,7 @@ def model_patch_from_pb(msg: pb.UpdateModelRequest) -> ModelPatch:
         state=STATE_FROM_PB.get(model.state),
         state_message=model.state_message,
         labels=dict(model.labels),
+        config_folder=model.config_folder,
     )
     return ModelPatch(fields=fields, values=draft, etag=model.etag or None)
 
@@ -515,6 +518,7 @@ def model_from_pb(msg: pb.Model) -> Model:
         created_at=timestamp_from_pb(msg.create_time),
         updated_at=timestamp_from_pb(msg.update_time),
         etag=msg.etag,
+        config_folder=msg.config_folder,
     )
 
 
@@ -527,6 +531,7 @@ def model_draft_to_pb(draft: ModelDraft) -> pb.Model:
         sha256=draft.sha256 or "",
         state_message=draft.state_message,
         labels=dict(draft.labels),
+        config_folder=draft.config_folder,
     )
     if draft.state is not None:
         msg.state = STATE_TO_PB[draft.state]

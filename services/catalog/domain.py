@@ -169,6 +169,10 @@ class Model(BaseModel):
     created_at: datetime
     updated_at: datetime
     etag: str = ""
+    # A single-file image checkpoint's config folder (absolute: a local diffusers folder of
+    # configs and tokenizers the file loads with, e.g. its family's config repo snapshot that the
+    # provisioner fetched); "" when none is recorded.
+    config_folder: str = ""
 
     @property
     def name(self) -> str:

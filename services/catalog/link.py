@@ -70,7 +70,10 @@ class CatalogLink(abc.ABC):
         size_bytes: int | None = None,
         sha256: str | None = None,
         source: ModelSource | None = None,
-    ) -> Model: ...
+        config_folder: str | None = None,
+    ) -> Model:
+        """Set the state (and the other given fields; None: unchanged). `config_folder`: a
+        single-file image checkpoint's config folder (Model.config_folder)."""
 
     @abc.abstractmethod
     async def create_install(self, install: Install) -> Install:
@@ -180,6 +183,7 @@ class GrpcCatalogLink(CatalogLink):
         size_bytes: int | None = None,
         sha256: str | None = None,
         source: ModelSource | None = None,
+        config_folder: str | None = None,
     ) -> Model:
         model = pb.Model(name=name, state=_STATE_TO_PB[state], state_message=state_message)
         mask = ["state", "state_message"]
@@ -195,6 +199,9 @@ class GrpcCatalogLink(CatalogLink):
         if source is not None:
             model.source.CopyFrom(convert.source_to_pb(source))
             mask.append("source")
+        if config_folder is not None:
+            model.config_folder = config_folder
+            mask.append("config_folder")
         request = pb.UpdateModelRequest(
             model=model, update_mask=field_mask_pb2.FieldMask(paths=mask)
         )

@@ -51,7 +51,17 @@ T = TypeVar("T")
 
 # Fields of a model a client may set on create or change on update.
 UPDATABLE_MODEL_FIELDS = frozenset(
-    {"display_name", "labels", "state", "state_message", "paths", "size_bytes", "sha256", "source"}
+    {
+        "display_name",
+        "labels",
+        "state",
+        "state_message",
+        "paths",
+        "size_bytes",
+        "sha256",
+        "source",
+        "config_folder",
+    }
 )
 MAX_PATHS = 64
 MAX_PATH_CHARS = 4096
@@ -72,6 +82,7 @@ class ModelDraft:
     state: ModelState | None = None  # None: READY when paths are given
     state_message: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    config_folder: str = ""  # a single-file checkpoint's config folder (Model.config_folder)
 
 
 @dataclass(frozen=True)
@@ -231,6 +242,7 @@ class CatalogService:
             labels=dict(draft.labels),
             created_at=now,
             updated_at=now,
+            config_folder=draft.config_folder,
         )
         if state is ModelState.READY:
             model = await self._with_inspection(model, raise_on_failure=True)
@@ -670,6 +682,9 @@ def _validated_draft(draft: ModelDraft) -> ModelDraft:
             update={"path": _validated_path(source.path, "model.source.path")}
         )
     sha = draft.sha256.lower() if draft.sha256 else None
+    config_folder = (
+        _validated_path(draft.config_folder, "model.config_folder") if draft.config_folder else ""
+    )
     return ModelDraft(
         source=source,
         display_name=draft.display_name,
@@ -679,6 +694,7 @@ def _validated_draft(draft: ModelDraft) -> ModelDraft:
         state=draft.state,
         state_message=draft.state_message[:4096],
         labels=dict(draft.labels),
+        config_folder=config_folder,
     )
 
 

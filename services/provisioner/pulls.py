@@ -15,8 +15,12 @@ pull failed with. A caller that leaves cancels the pull only when it was the las
 A single-file image checkpoint (one .safetensors of a family in SINGLE_FILE_CONFIG_REPOS, from
 any source) also gets its family's config repo's small files (model_index.json, component
 configs, scheduler, tokenizers; never weights) fetched into the HF cache after its own download,
-reported as DOWNLOADING messages: the worker loads such a file offline with those configs. A
-failure there does not fail the pull (the checkpoint is good); the last message says what
+reported as DOWNLOADING messages: the worker loads such a file offline with those configs. The
+snapshot folder they landed in (absolute) is recorded with the model in the catalog
+(`Model.config_folder`), so a worker loading the model by name finds them even when its own HF
+cache is another one than the provisioner's (RBEE_PROVISIONER_HF_CACHE). A model already READY
+(or registered in place) without a usable recorded folder gets the configs fetched and recorded
+too. A failure there does not fail the pull (the checkpoint is good); the last message says what
 failed, and the worker's load will say what is missing.
 """
 
@@ -580,6 +584,7 @@ class PullManager:
                 await self._set_state(job, PullState.RESOLVING, note)
                 model, model_was_ready = await self._register_start(job, resolution)
                 if model is not None:
+                    model = await self._record_config_folder(job, resolution, model)
                     await self._finish(job, model)
                     outcome = PullState.SUCCEEDED
                     return
@@ -589,9 +594,9 @@ class PullManager:
                     PullState.VERIFYING,
                     f"{len(results)} file(s) complete and verified (sha256)",
                 )
-                await self._fetch_single_file_configs(job, resolution)
+                config_folder = await self._fetch_single_file_configs(job, resolution)
                 await self._set_state(job, PullState.REGISTERING)
-                ready = await self._register_ready(job, resolution, results)
+                ready = await self._register_ready(job, resolution, results, config_folder)
                 await self._finish(job, ready)
                 outcome = PullState.SUCCEEDED
         except (RbeeError, asyncio.CancelledError) as exc:
@@ -734,20 +739,46 @@ class PullManager:
         job.file_index = 0
         return results
 
-    async def _fetch_single_file_configs(self, job: _Job, resolution: Resolution) -> None:
-        """Fetch the configs a single-file image checkpoint loads with (module docstring)."""
+    async def _record_config_folder(self, job: _Job, resolution: Resolution, model: Model) -> Model:
+        """For a model that needed no download (already READY, or registered in place): fetch
+        its single-file configs and record their folder when it has no usable one yet."""
+        recorded = model.config_folder
+        usable: bool = bool(recorded) and await asyncio.to_thread(_has_model_index, recorded)
+        if usable:
+            return model
+        folder = await self._fetch_single_file_configs(job, resolution)
+        if folder is None or folder == recorded:
+            return model
+        try:
+            return await self._catalog.update_model(
+                model.name,
+                state=model.state,
+                state_message=model.state_message,
+                config_folder=folder,
+            )
+        except RbeeError as exc:  # the model is good as it is: as a failed fetch, not fatal
+            logger.warning(
+                "%s: cannot record %s for %s: %s", job.record.name, folder, model.name, exc
+            )
+            self._on_message(job, f"could not record the config folder {folder} ({exc})")
+            return model
+
+    async def _fetch_single_file_configs(self, job: _Job, resolution: Resolution) -> str | None:
+        """Fetch the configs a single-file image checkpoint loads with (module docstring).
+        Returns the absolute snapshot folder they are in (what the catalog records as the
+        model's config_folder); None when the model needs none or the fetch failed."""
         if len(resolution.model_paths) != 1:
-            return
+            return None
         path = Path(resolution.model_paths[0])
         if path.suffix.lower() != ".safetensors":
-            return
+            return None
         try:
             metadata = await asyncio.to_thread(inspect_path, path)
         except RbeeError:
-            return  # the catalog's inspection at registration reports it
+            return None  # the catalog's inspection at registration reports it
         family = metadata.family
         if metadata.model_type is not ModelType.IMAGE or family not in SINGLE_FILE_CONFIG_REPOS:
-            return
+            return None
         repo = SINGLE_FILE_CONFIG_REPOS[family]
         await self._set_state(
             job, PullState.DOWNLOADING, f"fetching the {family} configs from {repo} (no weights)"
@@ -782,6 +813,15 @@ class PullManager:
                 f"could not fetch the {family} configs from {repo} ({exc}); workers need them "
                 "to load this single file",
             )
+            return None
+        # The snapshot folder (HF layout: snapshots/COMMIT/model_index.json, the other files
+        # beside it), resolved to an absolute path: the worker reads it as is, whatever its own
+        # HF cache is.
+        index_link = next((f.link for f in planned if f.path == "model_index.json"), None)
+        if index_link is None:
+            return None
+        folder = str(index_link.parent.absolute())
+        return folder if await asyncio.to_thread(_has_model_index, folder) else None
 
     def _on_progress(
         self, job: _Job, entry: PullFileRecord, done: int, total: int | None, reused: int
@@ -807,7 +847,11 @@ class PullManager:
         self._publish(job, self._event(job, text))
 
     async def _register_ready(
-        self, job: _Job, resolution: Resolution, results: list[FileResult]
+        self,
+        job: _Job,
+        resolution: Resolution,
+        results: list[FileResult],
+        config_folder: str | None,
     ) -> Model:
         size = sum(r.size for r in results)
         sha256 = results[0].sha256 if len(results) == 1 else ""
@@ -819,6 +863,7 @@ class PullManager:
             size_bytes=size,
             sha256=sha256,
             source=resolution.source,
+            config_folder=config_folder,
         )
 
     async def _finish(self, job: _Job, model: Model) -> None:
@@ -908,6 +953,11 @@ class PullManager:
             validate_only=True,
         )
         yield model
+
+
+def _has_model_index(folder: str) -> bool:
+    """Whether `folder` holds a model_index.json (a config folder worth recording)."""
+    return (Path(folder) / "model_index.json").is_file()
 
 
 def _check_free_space(resolution: Resolution) -> None:

@@ -32,7 +32,9 @@ Loading (LoadModel), checked before the engine sees anything:
   it: unknown -> NOT_FOUND (MODEL_NOT_FOUND); not READY -> FAILED_PRECONDITION
   (MODEL_NOT_READY, with its state and state message); catalog unreachable -> UNAVAILABLE
   (DEPENDENCY_UNAVAILABLE); otherwise its paths are loaded under its catalog name. A worker
-  without a catalog refuses with FAILED_PRECONDITION naming the setting.
+  without a catalog refuses with FAILED_PRECONDITION naming the setting. The model's recorded
+  config folder (a single-file image checkpoint's configs, which the provisioner fetched into
+  ITS HF cache) goes to the engine as `recorded_config`, unless the request sets image.config.
 - the file is inspected with the catalog's inspector (header only, in a thread) and evaluated
   with the catalog's compatibility rules for THIS worker's type (`{device}-llm|sd`): a verdict
   that the type cannot run it (format, architecture, model type, device, missing components)
@@ -184,6 +186,18 @@ def _with_inspected_family(
     return options.model_copy(update={"family": metadata.family})
 
 
+def with_recorded_config(options: ImageLoadOptions, target: LoadTarget) -> ImageLoadOptions:
+    """`options` with the catalog's config folder for the model (`recorded_config`) when the
+    request set no image.config and no image.family other than inspection's: the recorded
+    folder holds the configs of the family the provisioner's inspection named."""
+    inspected_family = target.metadata.family if target.metadata is not None else None
+    if not target.config_folder or options.config is not None:
+        return options
+    if options.family != inspected_family:
+        return options
+    return options.model_copy(update={"recorded_config": target.config_folder})
+
+
 def require_compatible(
     metadata: ModelMetadata, worker_type: WorkerType, *, subject: str
 ) -> CompatibilityResult:
@@ -266,6 +280,7 @@ class LoadTarget(BaseModel):
     paths: list[str]
     path: Path  # the one handed to the engine (a split GGUF: its first shard)
     metadata: ModelMetadata | None = None  # None: not inspected (the fake engine)
+    config_folder: str = ""  # the catalog's Model.config_folder for a load by name
 
 
 class LoadedModelInfo(BaseModel):
@@ -651,7 +666,9 @@ class WorkerService:
         if self._device.kind is DeviceKind.CPU and options.gpu_layers is None:
             options = options.model_copy(update={"gpu_layers": 0})  # a CPU worker offloads none
         model = target.model
-        image_options = _with_inspected_family(request.image_options, path, target.metadata)
+        image_options = with_recorded_config(
+            _with_inspected_family(request.image_options, path, target.metadata), target
+        )
         cancel = threading.Event()
         started = time.perf_counter()
         had_model = self._loaded is not None
@@ -735,11 +752,13 @@ class WorkerService:
         """The request's options, its files (given, or the catalog's), and whether this worker
         type can run them; raises what the module docstring lists."""
         self._check_load_options(request)
-        model, paths, where = await self._resolve_paths(request)
+        model, paths, where, config_folder = await self._resolve_paths(request)
         path = self._check_paths(paths, where)
         family = request.image_options.family if self._is_image else None
         metadata = await self._check_compatibility(path, model, family=family)
-        return LoadTarget(model=model, paths=paths, path=path, metadata=metadata)
+        return LoadTarget(
+            model=model, paths=paths, path=path, metadata=metadata, config_folder=config_folder
+        )
 
     def _check_load_options(self, request: LoadRequest) -> None:
         if self._is_image and request.options_kind is OptionsKind.LLM:
@@ -757,11 +776,12 @@ class WorkerService:
                 reason="WRONG_ENGINE",
             )
 
-    async def _resolve_paths(self, request: LoadRequest) -> tuple[str, list[str], str]:
-        """(name to report, paths to load, where the paths came from for messages)."""
+    async def _resolve_paths(self, request: LoadRequest) -> tuple[str, list[str], str, str]:
+        """(name to report, paths to load, where the paths came from for messages, the
+        catalog's config folder for the model: "" when loaded by paths or none recorded)."""
         model = normalize_model_name(request.model)
         if request.paths:
-            return model, list(request.paths), "paths"  # paths win; the model is the name
+            return model, list(request.paths), "paths", ""  # paths win; the model is the name
         if not model:
             raise InvalidArgument.for_field(
                 "paths", "give the model file to load, or `model`, its catalog name"
@@ -793,7 +813,7 @@ class WorkerService:
             raise FailedPrecondition(
                 f"{found.name} lists no files in the catalog", reason="MODEL_NOT_READY"
             )
-        return found.name, list(found.paths), f"{found.name} paths"
+        return found.name, list(found.paths), f"{found.name} paths", found.config_folder
 
     @staticmethod
     def _check_paths(paths: Sequence[str], where: str) -> Path:

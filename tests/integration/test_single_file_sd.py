@@ -5,7 +5,8 @@ and once as ONE ldm-layout .safetensors file. The real DiffusersEngine loads the
 `from_single_file` and the folder's configs (given as image.config, or found as the sd1 config
 repo in an HF cache holding only the config files), and must give the same image as the folder
 for the same seed, steps and size; without configs the load fails saying what to fetch. Then the
-same through a gRPC worker.
+same through a gRPC worker, and pulled by the provisioner then loaded by catalog name, also by a
+worker whose HF cache is not the provisioner's (the catalog records the config folder).
 
 Then SD2 and SDXL (tiny pipelines shaped so the catalog and diffusers name their families): the
 single file gives the folder's image with the folder as image.config and with a configs-only HF
@@ -26,6 +27,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import field_mask_pb2
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
@@ -382,6 +384,73 @@ def test_a_pulled_single_file_brings_its_configs_and_loads_by_name(
         assert responses[-1].worker.state == pb.WORKER_STATE_READY
         assert responses[-1].worker.model == model.name
         assert np.array_equal(imagine(stub), folder_image)
+
+
+def test_a_pulled_single_file_loads_by_name_in_a_worker_whose_hf_cache_is_another(
+    mesh: Mesh,
+    hub: FakeHub,
+    sd1_file: Path,
+    sd1_folder: Path,
+    folder_image: np.ndarray,
+    tmp_path: Path,
+) -> None:
+    """The provisioner's HF cache (RBEE_PROVISIONER_HF_CACHE) is not the worker's: the catalog
+    records the config folder the provisioner fetched (Model.config_folder), and a worker whose
+    own cache is empty loads the model by name with it. A re-pull records a lost folder again;
+    a recorded folder that is gone, with an empty cache, is refused naming both folders."""
+    configs = {str(r): sd1_folder / r for r in config_files(sd1_folder)}
+    hub.add_repo(SD1_REPO, configs)
+    hub.add_repo("civit/tiny-sd1", {"tiny-sd1.safetensors": sd1_file})
+    source = "hf:civit/tiny-sd1:tiny-sd1.safetensors"
+
+    def pull() -> cpb.Model:
+        stream = mesh.provisioner.PullModel(ppb.PullModelRequest(source=source), timeout=60)
+        results: list[cpb.Model] = [m.model for m in stream if m.HasField("model")]
+        assert len(results) == 1
+        return results[0]
+
+    model = pull()
+    assert model.state == cpb.MODEL_STATE_READY and model.metadata.family == "sd1"
+    recorded = Path(model.config_folder)
+    assert recorded.is_absolute() and recorded.is_relative_to(mesh.hf_cache)
+    assert sorted(str(p) for p in config_files(recorded)) == sorted(configs)
+    assert mesh.catalog.GetModel(cpb.GetModelRequest(name=model.name), timeout=10) == model
+
+    worker_cache = tmp_path / "worker-hf-cache"
+    worker_cache.mkdir()
+    engine = DiffusersEngine("cpu", threads=1, hf_cache=worker_cache)
+    image = load_pb2.ImageLoadOptions(dtype="float32")
+    by_name = pb.LoadModelRequest(model=model.name, image=image)
+    with worker_with_catalog(engine, mesh.catalog_address) as stub:
+        responses = list(stub.LoadModel(by_name, timeout=RPC_TIMEOUT))
+        assert responses[-1].worker.state == pb.WORKER_STATE_READY
+        assert responses[-1].worker.model == model.name
+        assert np.array_equal(imagine(stub), folder_image)
+    assert list(worker_cache.iterdir()) == []  # nothing fetched into the worker's cache
+
+    # A model READY without a recorded folder (e.g. pulled before there was one): pulling it
+    # again fetches nothing new but records the folder.
+    cleared = mesh.catalog.UpdateModel(
+        cpb.UpdateModelRequest(
+            model=cpb.Model(name=model.name, config_folder=""),
+            update_mask=field_mask_pb2.FieldMask(paths=["config_folder"]),
+        ),
+        timeout=10,
+    )
+    assert cleared.config_folder == ""
+    assert pull().config_folder == str(recorded)
+
+    # The recorded folder gone and the worker's cache empty: refused, naming both.
+    recorded.rename(recorded.with_name("moved-away"))
+    with (
+        worker_with_catalog(engine, mesh.catalog_address) as stub,
+        pytest.raises(grpc.RpcError) as refused,
+    ):
+        list(stub.LoadModel(by_name, timeout=RPC_TIMEOUT))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    details = refused.value.details() or ""
+    assert str(recorded) in details and "does not exist" in details
+    assert str(worker_cache) in details and f"hf download {SD1_REPO}" in details
 
 
 # ---- SD2 and SDXL ----------------------------------------------------------------------------

@@ -5,14 +5,17 @@
 - Single-file checkpoints (one .safetensors in the original "ldm" layout, as CivitAI serves
   them) load with the pipeline class's `from_single_file(file, config=FOLDER,
   local_files_only=True)`: diffusers converts the weights using the component configs and the
-  tokenizers in FOLDER, a local diffusers folder: `image.config` when given, else the family's
-  config repo (SINGLE_FILE_CONFIG_REPOS: diffusers' own defaults) in the HF cache, of which only
-  the small files are needed. FOLDER is always a local path: given a repo id, diffusers would
-  download the configs when they are not cached, even with `local_files_only=True`. The family
-  is `image.family`, else inspection's; the pipeline class is the folder's model_index.json
-  `_class_name`. No folder: FAILED_PRECONDITION saying which repo's files are missing and how to
-  fetch them. The scheduler (and so the prediction type) is the config folder's, with one
-  exception: a family repo serves one prediction type for the whole family (SD2's is
+  tokenizers in FOLDER, a local diffusers folder: `image.config` when given, else the folder
+  the catalog records for the model (`recorded_config`: Model.config_folder, the family repo's
+  snapshot the provisioner fetched into ITS HF cache, which may not be this worker's) when it is
+  complete, else the family's config repo (SINGLE_FILE_CONFIG_REPOS: diffusers' own defaults)
+  in this worker's HF cache, of which only the small files are needed. FOLDER is always a local
+  path: given a repo id, diffusers would download the configs when they are not cached, even
+  with `local_files_only=True`. The family is `image.family`, else inspection's; the pipeline
+  class is the folder's model_index.json `_class_name`. No folder: FAILED_PRECONDITION naming
+  the folders looked in, which repo's files are missing and how to fetch them. The scheduler
+  (and so the prediction type) is the config folder's, with one exception: a family repo serves
+  one prediction type for the whole family (SD2's is
   stabilityai/stable-diffusion-2-1, v-prediction), so when the configs come from it and the
   file's own SAI ModelSpec header declares another (`modelspec.prediction_type` "epsilon"/"v",
   or the architecture `stable-diffusion-v2-512` / `...-768-v`), the file's wins: an SD2
@@ -268,16 +271,24 @@ def missing_config_files(folder: Path) -> list[str]:
 
 
 def find_single_file_config(
-    path: Path, family: str | None, *, config: str | None, hf_cache: Path
+    path: Path,
+    family: str | None,
+    *,
+    config: str | None,
+    hf_cache: Path,
+    recorded: str | None = None,
 ) -> Path:
     """The local diffusers folder whose configs the single-file checkpoint `path` loads with.
 
-    `config` (image.config) wins: an absolute folder with model_index.json and its components'
-    configs, else InvalidArgument / FailedPrecondition. Otherwise the family's config repo
+    In this order: `config` (image.config) wins: an absolute folder with model_index.json and
+    its components' configs, else InvalidArgument / FailedPrecondition. Then `recorded` (the
+    config folder the catalog records for the model, which the provisioner fetched into its own
+    HF cache) when it is a complete config folder. Then the family's config repo
     (SINGLE_FILE_CONFIG_REPOS) at its `main` snapshot in the HF cache `hf_cache`. Raises
     FailedPrecondition: INCOMPATIBLE_MODEL when no family is known or the family has no config
-    repo; FAILED_PRECONDITION (with a violation naming `hf:REPO`) when the repo's files are not
-    in the cache, saying how to fetch them.
+    repo (and no usable recorded folder); FAILED_PRECONDITION (with a violation naming
+    `hf:REPO`) when neither the recorded folder nor the cache has the repo's files, naming every
+    folder it looked in and saying how to fetch them.
     """
     if config is not None:
         folder = Path(config)
@@ -302,10 +313,34 @@ def find_single_file_config(
                 ],
             )
         return folder
+    # What was wrong with the recorded folder, for the message when the cache lacks them too.
+    recorded_problem = ""
+    if recorded:
+        recorded_folder = Path(recorded)
+        if not recorded_folder.is_absolute():
+            recorded_problem = "is not an absolute path"
+        elif not recorded_folder.is_dir():
+            recorded_problem = "does not exist on this host"
+        elif lacking := missing_config_files(recorded_folder):
+            recorded_problem = f"lacks {', '.join(lacking)}"
+        else:
+            return recorded_folder
+        logger.warning(
+            "%s: the catalog's config folder %s %s; trying the HF cache",
+            path.name,
+            recorded,
+            recorded_problem,
+        )
+    # Said in every refusal below, so the message names each folder looked in.
+    recorded_note = (
+        f" (the config folder the catalog records for this model, {recorded}, {recorded_problem})"
+        if recorded
+        else ""
+    )
     if family is None:
         raise FailedPrecondition(
-            f"{path.name}: cannot tell the model family of this single file (inspection "
-            f"names none), so its configs are unknown: set image.family (one of "
+            f"{path.name}: cannot tell the model family of this single file (inspection names "
+            f"none), so its configs are unknown{recorded_note}: set image.family (one of "
             f"{', '.join(SINGLE_FILE_CONFIG_REPOS)}) or image.config (a local diffusers folder "
             "of the same model)",
             reason="INCOMPATIBLE_MODEL",
@@ -314,8 +349,8 @@ def find_single_file_config(
     if repo is None:
         raise FailedPrecondition(
             f"{path.name} is a single-file {family} checkpoint; this worker knows no config "
-            f"repo for {family} (it knows {', '.join(SINGLE_FILE_CONFIG_REPOS)}): set "
-            "image.config to a local diffusers folder of the same model",
+            f"repo for {family} (it knows {', '.join(SINGLE_FILE_CONFIG_REPOS)}){recorded_note}: "
+            "set image.config to a local diffusers folder of the same model",
             reason="INCOMPATIBLE_MODEL",
         )
     from huggingface_hub import try_to_load_from_cache
@@ -328,21 +363,26 @@ def find_single_file_config(
         if not missing:
             return folder
     command = single_file_config_command(repo, hf_cache)
+    metadata = {"family": family, "config_repo": repo}
+    if recorded:
+        metadata["recorded_config"] = recorded
     raise FailedPrecondition(
         f"{path.name} is a single-file {family} checkpoint: loading it needs the diffusers "
         f"configs and tokenizers of {repo} (model_index.json, the components' config.json, "
-        f"scheduler/, tokenizer/; no weights), and the HF cache {hf_cache} lacks "
-        f"{', '.join(missing)} of them. Fetch them with `{command}` "
+        f"scheduler/, tokenizer/; no weights), and this worker's HF cache {hf_cache} lacks "
+        f"{', '.join(missing)} of them{recorded_note}. Fetch them with `{command}` "
         "(pulling a single-file checkpoint with `rbee pull` fetches them too), or set "
         "image.config to a local diffusers folder of the same family",
         violations=[
             PreconditionViolation(
                 "SINGLE_FILE_CONFIG_MISSING",
                 f"hf:{repo}",
-                f"not in {hf_cache}: " + ", ".join(missing),
+                (f"{recorded}: {recorded_problem}; " if recorded else "")
+                + f"not in {hf_cache}: "
+                + ", ".join(missing),
             )
         ],
-        metadata={"family": family, "config_repo": repo},
+        metadata=metadata,
     )
 
 
@@ -542,6 +582,7 @@ class DiffusersEngine(ImageEngine):
                 self._single_file_family(path, options),
                 config=options.config,
                 hf_cache=self._hf_cache_folder(),
+                recorded=options.recorded_config,
             )
         self.unload()
         started = time.perf_counter()

@@ -55,6 +55,11 @@ class ImageLoadOptions(BaseModel):
     # HF cache, SINGLE_FILE_CONFIG_REPOS).
     family: str | None = None
     config: str | None = None
+    # Not a wire field: the config folder the catalog records for a model loaded by name
+    # (Model.config_folder, set by the provisioner that fetched it), set by the worker service.
+    # Tried after `config`, before the HF cache; like the HF cache's family repo, and unlike an
+    # explicit `config`, a file's declared prediction type still wins over its scheduler's.
+    recorded_config: str | None = None
 
 
 # The Hub repo whose diffusers configs (model_index.json, component config.json, scheduler,

@@ -713,6 +713,7 @@ class Model(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    CONFIG_FOLDER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Output only. The resource name, `models/{model}`; on CreateModel it comes from `model_id`."""
     display_name: _builtins.str
@@ -728,6 +729,13 @@ class Model(_message.Message):
     etag: _builtins.str
     """Output only in responses; in UpdateModel and DeleteModel, when set, it must match the
     current value (ABORTED, ETAG_MISMATCH otherwise).
+    """
+    config_folder: _builtins.str
+    """Optional. For a single-file image checkpoint: the absolute path of a local diffusers folder
+    (model_index.json, the components' configs, scheduler, tokenizers; no weights) that the file
+    loads with, e.g. the HF cache snapshot of its family's config repo that the provisioner
+    fetched with it. A worker loading the model by name uses it when its load request sets no
+    `image.config`, before its own HF cache. Empty: none recorded.
     """
     @_builtins.property
     def source(self) -> Global___ModelSource:
@@ -769,10 +777,11 @@ class Model(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
+        config_folder: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "metadata", b"metadata", "source", b"source", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "etag", b"etag", "labels", b"labels", "metadata", b"metadata", "name", b"name", "paths", b"paths", "sha256", b"sha256", "size_bytes", b"size_bytes", "source", b"source", "state", b"state", "state_message", b"state_message", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_folder", b"config_folder", "create_time", b"create_time", "display_name", b"display_name", "etag", b"etag", "labels", b"labels", "metadata", b"metadata", "name", b"name", "paths", b"paths", "sha256", b"sha256", "size_bytes", b"size_bytes", "source", b"source", "state", b"state", "state_message", b"state_message", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -916,7 +925,7 @@ class UpdateModelRequest(_message.Message):
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Required. The fields to update. Updatable: display_name, labels, state, state_message,
-        paths, size_bytes, sha256, source. `*` is not accepted.
+        paths, size_bytes, sha256, source, config_folder. `*` is not accepted.
         """
 
     def __init__(
