@@ -40,6 +40,13 @@ sequential read), as the observed disk read rates. The report also splits every 
 pool's stages (first event of each, medians): preload, process start (rbee-worker exec to
 SERVING), load (LoadModel), and first token (Generate): what a preload can and cannot save.
 
+Warm spares (on by default; `--no-spares` turns them off): the pool keeps a worker process
+that has already started (interpreter, imports) for the next spawn like the last one
+(services.worker.pool.spares). Before each phase the benchmark waits until the pool's
+rbee_pool_spare_workers gauge says one is ready, so every measured spawn takes it; the report
+counts how many did. The spare holds nothing of the model, so it changes neither (a)'s disk
+reads nor what (c)'s preload saves: it removes the fixed cost both pay.
+
 Target (the issue's): (c) at least 2x faster to the first token than (a). Prints the report
 and exits 0: a benchmark reports, it does not assert.
 """
@@ -54,6 +61,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -75,6 +83,7 @@ from rbee_client.cli.mesh import Service, environment
 from rbee_client.provisioner import ProvisionerClient
 from services.catalog.domain import ModelState
 from services.provisioner.preload import drop_from_page_cache, file_resident_bytes
+from services.worker.pool.service import WARM_START_NOTE
 from tests.fixtures.gguf_models import write_tiny_llama_gguf
 
 MODEL_ID = "bench-coldstart"
@@ -231,17 +240,24 @@ class Mesh:
     catalog: str
     provisioner: str
     pool: str
+    pool_metrics: str  # the pool's /metrics URL
 
 
 @contextmanager
-def running_mesh(home: Path, logs: Path) -> Iterator[Mesh]:
+def running_mesh(home: Path, logs: Path, *, spares: bool = True) -> Iterator[Mesh]:
     """`rbee-catalog`, `rbee-provisioner`, `rbee-pool` beside this interpreter, on free ports,
-    with the environment `rbee up` gives them; each gated on SERVING; stopped in reverse."""
-    services = [Service(name, free_port(), None) for name in ("catalog", "provisioner", "pool")]
+    with the environment `rbee up` gives them; each gated on SERVING; stopped in reverse.
+    `spares` False: the pool keeps no warm spare."""
+    services = [
+        Service("catalog", free_port(), None),
+        Service("provisioner", free_port(), None),
+        Service("pool", free_port(), free_port()),
+    ]
     env = {
         **os.environ,
         **environment(services, home),
         "RBEE_LOG_LEVEL": os.environ.get("RBEE_LOG_LEVEL", "WARNING"),
+        "RBEE_POOL_SPARE_DEVICE_KINDS": '["cpu", "cuda", "metal"]' if spares else "[]",
     }
     processes: list[subprocess.Popen[bytes]] = []
     try:
@@ -264,7 +280,9 @@ def running_mesh(home: Path, logs: Path) -> Iterator[Mesh]:
                 log=log,
             )
         catalog, provisioner, pool = (service.address for service in services)
-        yield Mesh(catalog, provisioner, pool)
+        yield Mesh(
+            catalog, provisioner, pool, f"http://127.0.0.1:{services[2].metrics_port}/metrics"
+        )
     finally:
         for process in reversed(processes):
             stop_process(process)
@@ -282,6 +300,7 @@ class Measurement:
     resident_after_evict: int
     resident_after: int  # after the first token, the worker still running
     evict_honoured: bool
+    warm_start: bool = False  # the worker process was a warm spare (STARTING says so)
     preload_seconds: float | None = None  # (c): the separate Preload RPC (not in `seconds`)
     resident_after_preload: int | None = None  # (c)
 
@@ -300,6 +319,7 @@ class Phase:
     path: Path
     device: str
     spawn_timeout: float
+    spares: bool = True
 
 
 def evict(phase: Phase) -> tuple[int, bool]:
@@ -325,9 +345,9 @@ def preload(phase: Phase) -> float:
 
 def spawn_to_first_token(
     phase: Phase, worker_id: str, *, with_preload: bool = False
-) -> tuple[float, dict[str, float], str]:
+) -> tuple[float, dict[str, float], str, bool]:
     """SpawnWorker, then Generate 1 token on the new worker: (seconds from the SpawnWorker call
-    to the first token delta, the marks, the worker's name)."""
+    to the first token delta, the marks, the worker's name, whether it started warm)."""
     request = pool_pb.SpawnWorkerRequest(
         worker_id=worker_id,
         model=MODEL_NAME,
@@ -345,6 +365,7 @@ def spawn_to_first_token(
     name = endpoint = ""
     first_token: float | None = None
     completion_tokens = -1
+    warm = False
     with grpc.insecure_channel(phase.mesh.pool) as pool_channel:
         pool = pool_pb2_grpc.PoolServiceStub(pool_channel)
         start = time.perf_counter()
@@ -355,6 +376,8 @@ def spawn_to_first_token(
                 name, endpoint = message.worker.name, message.worker.endpoint
             else:
                 stages.setdefault(_STAGE_NAMES.get(message.progress.stage, "unknown"), now)
+                if message.progress.stage == pool_pb.SPAWN_STAGE_STARTING:
+                    warm = warm or message.progress.message.endswith(WARM_START_NOTE)
         if not endpoint:
             raise RuntimeError("SpawnWorker ended without a worker")
         with grpc.insecure_channel(endpoint) as worker_channel:
@@ -367,7 +390,27 @@ def spawn_to_first_token(
     if first_token is None or completion_tokens != 1:
         raise RuntimeError(f"Generate streamed no token delta ({completion_tokens} tokens)")
     stages["token"] = first_token
-    return first_token, stages, name
+    return first_token, stages, name, warm
+
+
+def spare_count(phase: Phase) -> float:
+    """The pool's rbee_pool_spare_workers gauge (ready warm spares)."""
+    with urllib.request.urlopen(phase.mesh.pool_metrics, timeout=CALL_TIMEOUT_S) as response:
+        text = response.read().decode()
+    for line in text.splitlines():
+        if line.startswith("rbee_pool_spare_workers "):
+            return float(line.split()[1])
+    raise RuntimeError("the pool's metrics have no rbee_pool_spare_workers")
+
+
+def wait_for_spare(phase: Phase, limit_s: float = 60.0) -> None:
+    """Until the pool has a ready warm spare: the phase then measures a warm start, and the
+    spare's own imports do not share the CPU with the phase."""
+    deadline = time.monotonic() + limit_s
+    while spare_count(phase) < 1:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the pool had no warm spare ready within {limit_s:.0f} s")
+        time.sleep(0.1)
 
 
 def delete_worker(phase: Phase, name: str) -> None:
@@ -380,7 +423,10 @@ def delete_worker(phase: Phase, name: str) -> None:
 
 
 def run_phase(phase: Phase, key: str, round_index: int) -> Measurement:
-    """One phase: evict, (preload,) spawn and generate, measure residency, delete the worker."""
+    """One phase: (wait for the warm spare,) evict, (preload,) spawn and generate, measure
+    residency, delete the worker."""
+    if phase.spares:
+        wait_for_spare(phase)
     resident_evicted, honoured = evict(phase)
     preload_seconds: float | None = None
     resident_preloaded: int | None = None
@@ -388,7 +434,7 @@ def run_phase(phase: Phase, key: str, round_index: int) -> Measurement:
         preload_seconds = preload(phase)
         resident_preloaded = file_resident_bytes(phase.path)
     worker_id = f"coldstart-{round_index + 1}-{key}"
-    seconds, stages, name = spawn_to_first_token(
+    seconds, stages, name, warm = spawn_to_first_token(
         phase, worker_id, with_preload=key == PRELOAD_SPAWN
     )
     try:
@@ -401,6 +447,7 @@ def run_phase(phase: Phase, key: str, round_index: int) -> Measurement:
         resident_after_evict=resident_evicted,
         resident_after=resident_after,
         evict_honoured=honoured,
+        warm_start=warm,
         preload_seconds=preload_seconds,
         resident_after_preload=resident_preloaded,
     )
@@ -446,6 +493,7 @@ class BenchConfig:
     device: str = DEFAULT_DEVICE
     workdir: Path | None = None
     keep: bool = False
+    spares: bool = True  # the pool's warm spares (services.worker.pool.spares)
     progress: Callable[[str], None] = field(default=lambda _message: None)
 
 
@@ -504,18 +552,20 @@ def _run(config: BenchConfig, workdir: Path) -> BenchResult:
     load_start = os.getloadavg()[0]
     rows = {key: PhaseStats(key, label) for key, label in LABELS.items()}
     say("starting rbee-catalog, rbee-provisioner and rbee-pool")
-    with running_mesh(workdir / "home", logs) as mesh:
+    with running_mesh(workdir / "home", logs, spares=config.spares) as mesh:
         with CatalogClient(mesh.catalog) as catalog:
             model = catalog.register_local(str(path), model_id=MODEL_ID)
         if model.state is not ModelState.READY:
             raise RuntimeError(f"{MODEL_NAME} is {model.state.value}: {model.state_message}")
         # The pool's own deadline is 60 s plus the size at 100 MB/s; ours is wider.
-        phase = Phase(mesh, path, config.device, spawn_timeout=300.0 + size / 20e6)
+        phase = Phase(
+            mesh, path, config.device, spawn_timeout=300.0 + size / 20e6, spares=config.spares
+        )
         # One unrecorded spawn first: the worker's interpreter, modules and llama.cpp library
         # are then in the page cache for every phase; only the model's file is evicted.
         say("warm-up spawn (not recorded)")
         warm_up = time.perf_counter()
-        _seconds_taken, _stages, name = spawn_to_first_token(phase, "coldstart-warm-up")
+        _seconds_taken, _stages, name, _warm = spawn_to_first_token(phase, "coldstart-warm-up")
         delete_worker(phase, name)
         warm_up = time.perf_counter() - warm_up
         order = list(LABELS)
@@ -542,6 +592,7 @@ def _run(config: BenchConfig, workdir: Path) -> BenchResult:
         ("rounds", f"{config.rounds}, phase order rotated each round, after one unrecorded "
                    f"warm-up spawn ({warm_up:.2f} s with the file cached: the worker's code is "
                    "then cached for every phase, only the model is evicted); medians reported"),
+        ("spares", _spares_fact(config.spares, rows)),
         ("eviction", "DeletePreload, then posix_fadvise(DONTNEED) on the file, checked with "
                      f"mincore (at most {EVICTED_MAX_FRACTION:.0%} resident, else INVALID)"),
         ("load", f"1-minute load average {load_start:.2f} before, {os.getloadavg()[0]:.2f} "
@@ -549,6 +600,17 @@ def _run(config: BenchConfig, workdir: Path) -> BenchResult:
                  "every row)"),
     ]  # fmt: skip
     return BenchResult(rows, facts, size, filesystem, workdir)
+
+
+def _spares_fact(spares: bool, rows: dict[str, PhaseStats]) -> str:
+    runs = [run for row in rows.values() for run in row.runs]
+    warm = sum(1 for run in runs if run.warm_start)
+    if not spares:
+        return f"off (RBEE_POOL_SPARE_DEVICE_KINDS=[]): {warm} of {len(runs)} spawns started warm"
+    return (
+        f"on: before each phase the pool's warm spare is ready (its interpreter and llama_cpp "
+        f"imported, nothing of the model); {warm} of {len(runs)} measured spawns started from it"
+    )
 
 
 def _version(distribution: str) -> str:
@@ -748,6 +810,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--workdir", type=Path, default=None, help="where the model is written (a real disk)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory and logs")
+    parser.add_argument(
+        "--no-spares",
+        action="store_true",
+        help="the pool keeps no warm spare: every worker process starts cold",
+    )
     return parser.parse_args(argv)
 
 
@@ -761,6 +828,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device=args.device,
         workdir=args.workdir,
         keep=args.keep,
+        spares=not args.no_spares,
         progress=progress,
     )
     result = run_benchmark(config)

@@ -6,6 +6,8 @@
                 [--queue-size N] [--context-length N] [--gpu-layers N] [--threads N]
                 [--dtype float16|bfloat16|float32] [--scheduler NAME] [--attention-slicing]
 
+    rbee-worker --spare --engine E --device D    (a warm spare: services.worker.spare)
+
 `--engine diffusers` is an image worker: --model is a diffusers pipeline folder and the image
 flags (--dtype, --scheduler, --attention-slicing) are its load options.
 
@@ -61,6 +63,7 @@ from services.worker.metrics import WorkerMetrics
 from services.worker.service import LoadProgressEvent, LoadRequest, OptionsKind, WorkerService
 from services.worker.servicer import SERVICE_NAME, WorkerServicer
 from services.worker.settings import EngineName, WorkerSettings
+from services.worker.spare import SPARE_FLAG, prepare_engine_environment, run_spare
 
 logger = logging.getLogger("services.worker")
 
@@ -84,12 +87,8 @@ def create_engine(
 ) -> LlmEngine | ImageEngine:
     """The engine, imported only now: after the device binding, and only the one asked for.
     `threads` is torch's thread count for diffusers (llama.cpp takes it as a load option)."""
+    prepare_engine_environment(name)
     if name == "diffusers":
-        # torch's OpenMP threads spin while they wait for work by default; sharing the cores
-        # with this process's asyncio and gRPC threads (or anything else on the host) that made
-        # a 64x64, 20-step image 40x slower on two cores (bench/image.py notes). Set before torch
-        # loads, and only when the operator has not chosen a policy.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from services.worker.engines.diffusers_engine import DiffusersEngine
 
         device = device or DeviceSpec(kind=DeviceKind.CPU)
@@ -296,9 +295,13 @@ def settings_from_args(argv: Sequence[str]) -> WorkerSettings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The console script; returns the exit code."""
+    """The console script; returns the exit code. `--spare` first: a warm spare
+    (services.worker.spare) that becomes this worker when the pool sends its argv."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == [SPARE_FLAG]:
+        return run_spare(args[1:], main)
     try:
-        settings = settings_from_args(sys.argv[1:] if argv is None else argv)
+        settings = settings_from_args(args)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()

@@ -40,6 +40,8 @@ def test_benchmark_measures_and_prints_every_phase(tmp_path: Path) -> None:
         assert marks[-1] <= run.stages["worker"] <= run.stages["token"] == run.seconds
         # The worker mapped and read the whole file: it is resident after the first token.
         assert run.resident_after >= 0.9 * result.size
+        # The pool's warm spare was ready before every phase, and every spawn took it.
+        assert run.warm_start, row
     assert "preloading" in result.rows[PRELOAD_SPAWN].runs[0].stages
     assert "preloading" not in result.rows[COLD].runs[0].stages
     warm = result.rows[WARM].runs[0]
@@ -58,6 +60,7 @@ def test_benchmark_measures_and_prints_every_phase(tmp_path: Path) -> None:
     for label in LABELS.values():
         assert text.count(label) == 2  # the table and the stages
     assert "disk read (cold):" in text and "MB/s" in text
+    assert "3 of 3 measured spawns started from it" in text
     target = [line for line in text.splitlines() if line.startswith("target ")]
     assert len(target) == 1
     assert target[0].endswith(("PASS", "MISS") if result.valid else ("INVALID",)), target

@@ -1,7 +1,7 @@
 """The pool's domain metrics (rbee_pool_*), in the server's CollectorRegistry.
 
 Labels are bounded: `state` a worker state, `outcome` succeeded/failed, `exit` expected (after
-StopWorker) or unexpected. Never a model, worker name or path.
+StopWorker) or unexpected, `start` warm/cold. Never a model, worker name or path.
 """
 
 from __future__ import annotations
@@ -32,6 +32,19 @@ class PoolMetrics:
             "rbee_pool_worker_exits",
             "Worker process exits: expected (stopped) or unexpected (crashed).",
             ["exit"],
+            registry=registry,
+        )
+        self.starts = Counter(
+            "rbee_pool_worker_starts",
+            "Worker processes started: warm (from a spare that had already started) or cold.",
+            ["start"],
+            registry=registry,
+        )
+        for start in ("warm", "cold"):
+            self.starts.labels(start)
+        self.spares = Gauge(
+            "rbee_pool_spare_workers",
+            "Warm spares started and ready to become a worker.",
             registry=registry,
         )
         self.restarts = Counter(

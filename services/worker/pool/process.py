@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -72,6 +73,9 @@ class LaunchSpec:
     argv: list[str]  # the full command
     env: dict[str, str]  # the full environment for the child
     log_path: Path | None = None  # when set, every output line is also appended here
+    # A pipe on stdin instead of /dev/null: a warm spare reads its worker's argv there
+    # (send_launch).
+    stdin_pipe: bool = False
 
 
 @dataclass(frozen=True)
@@ -201,7 +205,8 @@ class WorkerProcess:
     @classmethod
     async def start(cls, spec: LaunchSpec, *, tail_lines: int = 1000) -> WorkerProcess:
         """Start `spec.argv` in its own session with `spec.env` (plus RBEE_POOL_PID), stdin
-        from /dev/null. Call it from the event loop thread (see the module doc on PDEATHSIG).
+        from /dev/null (or a pipe: `spec.stdin_pipe`). Call it from the event loop thread (see
+        the module doc on PDEATHSIG).
 
         Raises ValueError for an empty argv or tail_lines < 1, OSError when the command cannot
         be executed (FileNotFoundError, PermissionError) or the log file cannot be opened.
@@ -219,7 +224,7 @@ class WorkerProcess:
         try:
             process = await asyncio.create_subprocess_exec(
                 *guarded_argv(spec.argv),
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=asyncio.subprocess.PIPE if spec.stdin_pipe else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
@@ -232,6 +237,38 @@ class WorkerProcess:
             raise
         logger.debug("started worker process %d: %s", process.pid, spec.argv)
         return cls(process, tail_lines=tail_lines, log_file=log_file, log_path=spec.log_path)
+
+    async def send_launch(self, argv: Sequence[str], *, log_path: Path | None) -> None:
+        """Turn this warm spare (services.worker.spare) into the worker `argv` (the arguments
+        after the command): one JSON line on its stdin, which is then closed. From now on the
+        output also goes to `log_path`, the tail starts afresh (the spare's own lines are not
+        the worker's) and `started_at` is now.
+
+        Raises OSError (BrokenPipeError, ConnectionResetError) when the spare is gone or was
+        not started with a stdin pipe; the caller starts a fresh process instead.
+        """
+        stdin = self._process.stdin
+        if stdin is None:
+            raise BrokenPipeError(32, "this process was started without a stdin pipe")
+        if self._process.returncode is not None:
+            raise BrokenPipeError(32, f"the spare exited with {self._process.returncode}")
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._close_log_file()
+            self._log_file = log_path.open("a", encoding="utf-8", errors="replace", buffering=1)
+            self._log_path = log_path
+        self._lines.clear()
+        self.started_at = datetime.now(UTC)
+        stdin.write(json.dumps({"argv": list(argv)}).encode() + b"\n")
+        try:
+            await stdin.drain()
+        finally:
+            stdin.close()
+
+    def close_stdin(self) -> None:
+        """Close the stdin pipe (a spare then exits 0 without starting); no-op without one."""
+        if self._process.stdin is not None:
+            self._process.stdin.close()
 
     @property
     def returncode(self) -> int | None:

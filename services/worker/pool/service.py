@@ -72,6 +72,7 @@ from services.worker.pool.domain import (
 from services.worker.pool.metrics import PoolMetrics
 from services.worker.pool.process import LaunchSpec, LogLine, WorkerProcess
 from services.worker.pool.provisioner_link import InstallProgressNote, ProvisionerLink
+from services.worker.pool.spares import SpareKey, SpareWorkers
 from services.worker.pool.worker_link import WorkerLink, load_request
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ VERDICT_PREFERENCE = (
     Verdict.COMPATIBLE,
 )
 WATCH_QUEUE = 256
+# The end of a STARTING event's message when the worker process is a warm spare.
+WARM_START_NOTE = "(from a warm spare)"
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,9 @@ class PoolConfig:
     worker_env: dict[str, str] = field(default_factory=dict, repr=False)
     # How the pool calls its workers: its own token and TLS (settings.client_security()).
     worker_security: ChannelSecurity | None = None
+    # Warm spares (services.worker.pool.spares): on which kinds of device, and how many at most.
+    spare_device_kinds: frozenset[DeviceKind] = frozenset()
+    spare_limit: int = 2
 
 
 @dataclass(frozen=True)
@@ -204,6 +210,9 @@ class PoolService:
         self._watchers: set[asyncio.Queue[tuple[WorkerEventKind, PoolWorker]]] = set()
         self._tokens = PageTokenCodec(new_secret())
         self._lock = asyncio.Lock()  # one VALIDATING at a time: claims are checked, then made
+        self.spares = SpareWorkers(device_kinds=config.spare_device_kinds, limit=config.spare_limit)
+        if metrics is not None:
+            metrics.spares.set_function(lambda: self.spares.ready_count)
 
     # --- devices ------------------------------------------------------------------------------
 
@@ -555,18 +564,50 @@ class PoolService:
             # everywhere, so devices/cuda-N is the GPU the worker binds.
             **CUDA_ORDER_ENVIRONMENT,
         }
+        key = SpareKey.of(command, record.engine, device.worker_device, env)
+        try:
+            async for event in self._start_process(managed, device, key, argv, env):
+                yield event
+            async for event in self._load(managed, preload):
+                yield event
+        finally:
+            # The next spawn like this one finds a warm spare (after this one is over).
+            self.spares.refill(key, device.kind, env)
+
+    async def _start_process(
+        self,
+        managed: _Managed,
+        device: HostDevice,
+        key: SpareKey,
+        argv: list[str],
+        env: dict[str, str],
+    ) -> AsyncIterator[SpawnEvent]:
+        """STARTING: the worker process, from a warm spare when there is one, to SERVING."""
+        record = managed.record
         self._set_state(record, PoolWorkerState.STARTING, f"starting on {record.endpoint}")
+        log_path = self._config.logs_dir / f"{record.id}.log"
+        managed.exited = asyncio.Event()
+        process = await self.spares.claim(key)
+        if process is not None:
+            try:
+                await process.send_launch(argv[len(key.command) :], log_path=log_path)
+            except OSError as exc:
+                logger.info("the warm spare %d is gone (%s): starting afresh", process.pid, exc)
+                with contextlib.suppress(Exception):
+                    await process.stop(grace=0, force=True)
+                process = None
+        start = "warm" if process is not None else "cold"
         yield spawn_event(
             record,
             SpawnStage.STARTING,
             f"rbee-worker --engine {record.engine} --device {device.worker_device} "
-            f"on {record.endpoint}",
+            f"on {record.endpoint}" + (f" {WARM_START_NOTE}" if process is not None else ""),
         )
-        log_path = self._config.logs_dir / f"{record.id}.log"
-        managed.exited = asyncio.Event()
-        managed.process = await WorkerProcess.start(
-            LaunchSpec(argv=argv, env=env, log_path=log_path)
-        )
+        if process is None:
+            process = await WorkerProcess.start(LaunchSpec(argv=argv, env=env, log_path=log_path))
+        if self._metrics is not None:
+            self._metrics.starts.labels(start).inc()
+        managed.process = process
         record.pid = managed.process.pid
         record.started_at = managed.process.started_at
         record.exit_code = None
@@ -574,9 +615,7 @@ class PoolService:
             self._watch_exit(managed), name=f"watch:{record.id}"
         )
         managed.link = WorkerLink(record.endpoint, security=self._config.worker_security)
-        timeout = (
-            self._config.start_timeout_base + record.model_size_bytes / self._config.start_read_rate
-        )
+        timeout = self._load_timeout(record)
         try:
             await managed.link.wait_serving(timeout, exited=managed.exited)
         except RbeeError as exc:
@@ -584,6 +623,14 @@ class PoolService:
             if tail:
                 exc.message = f"{exc.message}; stderr tail:\n{tail}"
             raise
+
+    async def _load(
+        self, managed: _Managed, preload: asyncio.Task[tuple[int, int]] | None
+    ) -> AsyncIterator[SpawnEvent]:
+        """PRELOADING's end, LOADING, READY: the serving worker loads its model."""
+        record = managed.record
+        assert managed.link is not None
+        timeout = self._load_timeout(record)
         if preload is not None:
             done, total = await preload
             yield spawn_event(
@@ -599,7 +646,9 @@ class PoolService:
             SpawnStage.LOADING,
             f"loading {record.model}",
         )
-        request = load_request(record.model, record.model_paths, record.load_options)
+        # By name only: the worker asks the catalog for the files and for what else the model
+        # needs (a single-file checkpoint's recorded config folder), as any client's load does.
+        request = load_request(record.model, [], record.load_options)
         async for item in managed.link.load(request, limit_s=timeout):
             if isinstance(item, LiveStatus):
                 record.live = item
@@ -617,6 +666,12 @@ class PoolService:
             record,
             SpawnStage.READY,
             f"{record.name} is ready on {record.endpoint}",
+        )
+
+    def _load_timeout(self, record: PoolWorker) -> float:
+        """Health and load deadline: grows with the model's size."""
+        return (
+            self._config.start_timeout_base + record.model_size_bytes / self._config.start_read_rate
         )
 
     async def _find_install(self, record: PoolWorker) -> str | None:
@@ -769,9 +824,11 @@ class PoolService:
         self._count_states()
 
     async def close(self) -> None:
-        """Stop every worker (the pool is going away; they would die with it anyway)."""
+        """Stop every worker and spare (the pool is going away; they would die with it
+        anyway)."""
         running = [m for m in self._workers.values() if m.record.state.running]
         await asyncio.gather(
+            self.spares.close(),
             *(self.stop(m.record.name, grace=2.0, force=False) for m in running),
             return_exceptions=True,
         )

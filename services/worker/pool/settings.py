@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from services.catalog.domain import DeviceKind
 from services.common.settings import ACCESS_FIELDS, ServiceSettings
 from services.worker.pool.service import PoolConfig
 
@@ -51,6 +52,17 @@ class PoolSettings(ServiceSettings):
         default=60.0, gt=0, description="Health deadline for a worker; grows with model size."
     )
 
+    spare_device_kinds: list[DeviceKind] = Field(
+        default_factory=lambda: [DeviceKind.CPU],
+        description=(
+            "Kinds of device whose workers get a warm spare (a JSON list of cpu, cuda, metal; "
+            "[] for none): a worker process started ahead, so the next spawn skips its start."
+        ),
+    )
+    spare_limit: int = Field(
+        default=2, ge=0, le=64, description="Warm spares kept at most (0: none)."
+    )
+
     def pool_config(self) -> PoolConfig:
         return PoolConfig(
             worker_command=list(self.worker_command),
@@ -63,6 +75,8 @@ class PoolSettings(ServiceSettings):
             start_timeout_base=self.start_timeout,
             worker_env=self.worker_access_env(),
             worker_security=self.client_security(),
+            spare_device_kinds=frozenset(self.spare_device_kinds),
+            spare_limit=self.spare_limit,
         )
 
     def worker_access_env(self) -> dict[str, str]:
