@@ -13,9 +13,8 @@ ones the pool already supervises.
 
 The argv must name the spare's own engine and device (a spare bound to cuda:0 must not become
 a worker of cuda:1): anything else exits with EXIT_MISMATCH before it runs. End of input
-(the pool stopped the spare or died) exits 0 without starting anything. Nothing of the model
-is touched until the argv arrives, so a spare holds no device memory: it imports the backend,
-which on CUDA creates no context until the first model load.
+(the pool stopped the spare or died) exits 0 without starting anything. Nothing of a model is
+touched until the argv arrives.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ so its imports never compete for the CPU with the load and first requests of the
 spawned. At most `limit` spares are kept; the oldest is stopped for a newer one.
 
 Which devices: `device_kinds` (RBEE_POOL_SPARE_DEVICE_KINDS, default cpu). A spare imports its
-backend but loads nothing, so on a GPU it creates no context until it becomes a worker; the
-CUDA and Metal paths are opt-in until they have been measured on such hardware.
+backend but loads nothing; whether importing a CUDA or Metal backend already holds GPU memory
+has not been measured on such hardware, so those kinds are opt-in.
 
 Spares are the pool's children like its workers: own session, PR_SET_PDEATHSIG, stopped when
 the pool closes, and a spare whose stdin closes (the pool died) exits without starting.
