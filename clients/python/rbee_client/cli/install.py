@@ -30,6 +30,24 @@ def _client(args: argparse.Namespace) -> Any:
     return ProvisionerClient(args.provisioner, security=client_security(), timeout=args.timeout)
 
 
+def parse_build_env(items: list[str]) -> dict[str, str]:
+    """`--build-env NAME=VALUE` options as a mapping (the provisioner refuses reserved and
+    secret-looking names); CliError for an item without `=`."""
+    from rbee_client.cli.main import EXIT_USAGE, CliError
+
+    env: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise CliError(
+                f"--build-env {item!r}: expected NAME=VALUE",
+                hint="for example --build-env TORCH_INDEX_URL=https://mirror.example/whl/cpu",
+                code=EXIT_USAGE,
+            )
+        env[name] = value
+    return env
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     worker_type = args.worker_type
     if not worker_type.startswith("worker-types/"):
@@ -37,7 +55,10 @@ def cmd_install(args: argparse.Namespace) -> int:
     request = pb.InstallWorkerRequest(
         worker_type=worker_type,
         options=pb.InstallOptions(
-            force=args.force, validate_only=args.dry_run, recipe=args.recipe or ""
+            force=args.force,
+            validate_only=args.dry_run,
+            recipe=args.recipe or "",
+            build_env=parse_build_env(args.build_env or []),
         ),
     )
     with _client(args) as client, progress_display(args.format) as display:
@@ -120,6 +141,13 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, provisioner_arg: Any
     p.add_argument("--dry-run", action="store_true", help="check the recipe and sources only")
     p.add_argument("-v", "--verbose", action="store_true", help="print the build output")
     p.add_argument("--build-timeout", type=float, default=3600.0)
+    p.add_argument(
+        "--build-env",
+        action="append",
+        metavar="NAME=VALUE",
+        help="a variable for the build's clean environment (repeatable), e.g. a package "
+        "mirror: TORCH_INDEX_URL=URL, PIP_INDEX_URL=URL, PIP_FIND_LINKS=DIR; never a token",
+    )
     p.set_defaults(func=cmd_install)
     recipes = sub.add_parser("recipes", help="worker backend recipes").add_subparsers(
         dest="recipes_cmd", required=True
