@@ -116,6 +116,24 @@ def spawn(hive: Hive, **fields: Any) -> tuple[list[pb.SpawnProgress], wpb.Worker
     return events, worker
 
 
+def generate(worker: wpb.Worker, model: str, *, max_tokens: int = 3) -> list[str]:
+    """The token texts of one Generate on `worker` (greedy length: EOS ignored)."""
+    with grpc.insecure_channel(worker.endpoint) as channel:
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        return [
+            m.delta.text
+            for m in stub.Generate(
+                gen_pb.GenerateRequest(
+                    model=model,
+                    prompt="hi",
+                    stopping=gen_pb.StoppingCriteria(max_tokens=max_tokens, ignore_eos=True),
+                ),
+                timeout=60,
+            )
+            if m.WhichOneof("event") == "delta"
+        ]
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -166,21 +184,7 @@ def test_spawn_generate_list_stop(hive: Hive, tmp_path: Path) -> None:
     assert hive.metric("rbee_pool_workers", state="ready") == 1
     assert hive.metric("rbee_pool_spawn_duration_seconds_count", outcome="succeeded") == 1
 
-    with grpc.insecure_channel(worker.endpoint) as channel:
-        stub = worker_pb2_grpc.WorkerServiceStub(channel)
-        tokens = [
-            m.delta.text
-            for m in stub.Generate(
-                gen_pb.GenerateRequest(
-                    model=model,
-                    prompt="hi",
-                    stopping=gen_pb.StoppingCriteria(max_tokens=4, ignore_eos=True),
-                ),
-                timeout=60,
-            )
-            if m.WhichOneof("event") == "delta"
-        ]
-    assert tokens
+    assert generate(worker, model, max_tokens=4)
 
     listed = hive.pool.ListWorkers(pb.ListWorkersRequest(filter="state=ready"), timeout=10)
     assert [w.name for w in listed.workers] == [worker.name]

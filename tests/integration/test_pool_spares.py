@@ -7,17 +7,22 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 
-from rbee.worker.v1 import generation_pb2 as gen_pb
 from rbee.worker.v1 import pool_pb2 as pb
 from rbee.worker.v1 import worker_pb2 as wpb
-from rbee.worker.v1 import worker_pb2_grpc
 from services.worker.pool.process import LaunchSpec, WorkerProcess
 from services.worker.spare import EXIT_MISMATCH, SPARE_FLAG, SPARE_READY
 from tests.fixtures.gguf_models import write_tiny_llama_gguf
-from tests.integration.test_pool import Hive, alive, register, running_hive, spawn, wait_until
+from tests.integration.test_pool import (
+    Hive,
+    alive,
+    generate,
+    register,
+    running_hive,
+    spawn,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -34,23 +39,6 @@ def ready_spare(hive: Hive) -> int:
     pids = hive.service.spares.pids()
     assert len(pids) == 1
     return pids[0]
-
-
-def generate(worker: wpb.Worker, model: str) -> list[str]:
-    with grpc.insecure_channel(worker.endpoint) as channel:
-        stub = worker_pb2_grpc.WorkerServiceStub(channel)
-        return [
-            m.delta.text
-            for m in stub.Generate(
-                gen_pb.GenerateRequest(
-                    model=model,
-                    prompt="hi",
-                    stopping=gen_pb.StoppingCriteria(max_tokens=3, ignore_eos=True),
-                ),
-                timeout=60,
-            )
-            if m.WhichOneof("event") == "delta"
-        ]
 
 
 def test_the_next_spawn_starts_from_a_warm_spare(tmp_path: Path) -> None:
