@@ -1,6 +1,9 @@
 """rbee.catalog.v1.CatalogService over gRPC: convert, call the domain service, convert.
 
 Errors are raised as domain exceptions; the server's one interceptor turns them into statuses.
+GetModel, ListModels and EvaluateCompatibility (of a stored model) answer with cached
+serialized messages (`EncodedResponse`, see message_cache), so the servicer must be mounted
+through services.common.server.start_server, whose interceptor sends those bytes as they are.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from google.protobuf.empty_pb2 import Empty
 from rbee.catalog.v1 import catalog_pb2 as pb
 from rbee.catalog.v1 import catalog_pb2_grpc
 from services.catalog import convert
-from services.catalog.message_cache import ModelMessageCache
+from services.catalog.message_cache import CompatibilityResponseCache, ModelMessageCache
 from services.catalog.pagination import normalize_page_size
 from services.catalog.service import CatalogService
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, RbeeError
+from services.common.interceptors import EncodedResponse
 
 Context = Any  # grpc.aio.ServicerContext; the domain never sees it
 
@@ -25,23 +29,35 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
     """Thin adapter from protobuf to CatalogService."""
 
     def __init__(
-        self, service: CatalogService, *, messages: ModelMessageCache | None = None
+        self,
+        service: CatalogService,
+        *,
+        messages: ModelMessageCache | None = None,
+        compat: CompatibilityResponseCache | None = None,
     ) -> None:
         self._service = service
         # GetModel and ListModels serve stored versions (id, etag) through this cache: a model
         # is parsed and converted once per version, not once per read (see message_cache).
         self._messages = messages if messages is not None else ModelMessageCache()
+        self._compat = compat if compat is not None else CompatibilityResponseCache()
 
-    async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.Model:
-        return self._messages.to_pb(await self._service.get_model_record(request.name))
+    # The three cached reads return EncodedResponse, which the generated stubs' types do not
+    # know of (hence the ignores): the server's interceptor sends its bytes as the message.
+    async def GetModel(  # type: ignore[override]
+        self, request: pb.GetModelRequest, context: Context
+    ) -> EncodedResponse:
+        record = await self._service.get_model_record(request.name)
+        return EncodedResponse(self._messages.serialized(record))
 
-    async def ListModels(
+    async def ListModels(  # type: ignore[override]
         self, request: pb.ListModelsRequest, context: Context
-    ) -> pb.ListModelsResponse:
+    ) -> EncodedResponse:
         records, token, total = await self._service.list_model_records(
             filter_text=request.filter, page_size=request.page_size, page_token=request.page_token
         )
-        return self._messages.list_response(records, next_page_token=token, total_size=total)
+        return EncodedResponse(
+            self._messages.list_response_wire(records, next_page_token=token, total_size=total)
+        )
 
     async def CreateModel(self, request: pb.CreateModelRequest, context: Context) -> pb.Model:
         if not request.HasField("model"):
@@ -58,6 +74,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
             request.model.name, convert.model_patch_from_pb(request)
         )
         self._messages.discard(model.id)
+        self._compat.discard(model.id)
         return convert.model_to_pb(model)
 
     async def DeleteModel(self, request: pb.DeleteModelRequest, context: Context) -> Empty:
@@ -69,11 +86,13 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         )
         if deleted is not None:
             self._messages.discard(deleted.id)
+            self._compat.discard(deleted.id)
         return Empty()
 
     async def InspectModel(self, request: pb.InspectModelRequest, context: Context) -> pb.Model:
         model = await self._service.inspect_model(request.name)
         self._messages.discard(model.id)
+        self._compat.discard(model.id)
         return convert.model_to_pb(model)
 
     async def InspectPath(
@@ -133,8 +152,34 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         await self._service.delete_install(request.name, allow_missing=request.allow_missing)
         return Empty()
 
-    async def EvaluateCompatibility(
+    async def EvaluateCompatibility(  # type: ignore[override]
         self, request: pb.EvaluateCompatibilityRequest, context: Context
+    ) -> pb.EvaluateCompatibilityResponse | EncodedResponse:
+        if request.WhichOneof("subject") != "model":
+            return await self._evaluate(request)
+        try:
+            record = await self._service.get_model_record(request.model)
+        except RbeeError:
+            # Not cacheable; the full path raises the error the service raises (it checks the
+            # options before it reads the model, so which error comes first is its call).
+            return await self._evaluate(request)
+        key = request.SerializeToString(deterministic=True)
+        cached = self._compat.get(record, key)
+        if cached is not None:
+            return EncodedResponse(cached)
+        response = await self._evaluate(request)
+        # Kept only when the model did not change while it was evaluated: every write gives a
+        # new etag, so the same etag after means the evaluation read exactly this version.
+        try:
+            unchanged = (await self._service.get_model_record(request.model)).etag == record.etag
+        except RbeeError:
+            unchanged = False  # deleted meanwhile: answer, but keep nothing
+        if unchanged:
+            self._compat.put(record, key, response.SerializeToString())
+        return response
+
+    async def _evaluate(
+        self, request: pb.EvaluateCompatibilityRequest
     ) -> pb.EvaluateCompatibilityResponse:
         compat_request = convert.compatibility_request_from_pb(request)
         if request.HasField("metadata"):

@@ -9,6 +9,7 @@ code is a grpc status code name. No ids, names or secrets ever become label valu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -77,6 +78,10 @@ class GrpcServerMetrics:
             registry=registry,
         )
 
+    def for_method(self, full_method: str) -> MethodMetrics:
+        """The metric children of one method (a gRPC path), bound once for all its calls."""
+        return MethodMetrics(self, RpcMethodLabels.from_full_method(full_method))
+
     def record_started(self, labels: RpcMethodLabels) -> None:
         """Count one RPC start."""
         self.started.labels(labels.service, labels.method).inc()
@@ -89,3 +94,32 @@ class GrpcServerMetrics:
         """Count one finished RPC with its final status code name and duration."""
         self.handled.labels(labels.service, labels.method, code).inc()
         self.handling_seconds.labels(labels.service, labels.method, code).observe(seconds)
+
+
+class MethodMetrics:
+    """One method's rbee_grpc_server_* children, its labels bound once.
+
+    Binding (`Counter.labels(...)`) validates and looks up the label values under a lock; the
+    server wrapper records four samples per call, so it binds them on a method's first call
+    and keeps them (per status code for the handled counter and histogram).
+    """
+
+    def __init__(self, metrics: GrpcServerMetrics, labels: RpcMethodLabels) -> None:
+        self._metrics = metrics
+        self.labels = labels
+        self.started = metrics.started.labels(labels.service, labels.method)
+        self.msg_sent = metrics.msg_sent.labels(labels.service, labels.method)
+        self._by_code: dict[str, tuple[Any, Any]] = {}
+
+    def handled(self, code: str, seconds: float) -> None:
+        """Count one finished call with its final status code name and duration."""
+        children = self._by_code.get(code)
+        if children is None:
+            service, method = self.labels.service, self.labels.method
+            children = (
+                self._metrics.handled.labels(service, method, code),
+                self._metrics.handling_seconds.labels(service, method, code),
+            )
+            self._by_code[code] = children
+        children[0].inc()
+        children[1].observe(seconds)

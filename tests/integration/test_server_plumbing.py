@@ -203,13 +203,15 @@ async def test_unary_ok_and_request_id_echoed(channel: grpc.aio.Channel) -> None
     call = channel.unary_unary(ECHO)(b"hello", metadata=(("x-request-id", "abc-123.X_y"),))
 
     assert await call == b"hello"
-    assert ("x-request-id", "abc-123.X_y") in list(await call.initial_metadata())
+    # A unary response carries it in the trailers (one batch with the response).
+    assert ("x-request-id", "abc-123.X_y") in list(await call.trailing_metadata())
+    assert "x-request-id" not in dict(await call.initial_metadata())
 
 
 async def test_request_id_is_the_handlers_current_request_id(channel: grpc.aio.Channel) -> None:
     call = channel.unary_unary(ECHO)(b"whoami")
     handler_saw = (await call).decode()
-    echoed = dict(await call.initial_metadata())["x-request-id"]
+    echoed = dict(await call.trailing_metadata())["x-request-id"]
 
     assert handler_saw == echoed
     assert len(echoed) == 32
@@ -223,7 +225,7 @@ async def test_insane_client_request_id_is_replaced(channel: grpc.aio.Channel, i
 
     assert handler_saw != insane
     assert len(handler_saw) == 32
-    assert dict(await call.initial_metadata())["x-request-id"] == handler_saw
+    assert dict(await call.trailing_metadata())["x-request-id"] == handler_saw
 
 
 async def test_unary_not_found_has_resource_info(channel: grpc.aio.Channel) -> None:
@@ -248,8 +250,10 @@ async def test_unary_not_found_has_resource_info(channel: grpc.aio.Channel) -> N
         "rbee.catalog.v1.Model",
         "models/tiny",
     )
-    # The id also arrives as initial metadata on a failed call.
-    assert ("x-request-id", "rid-nf") in list(await call.initial_metadata())
+    # The id also arrives in the trailers of a failed call, beside the status details.
+    trailers = list(await call.trailing_metadata())
+    assert ("x-request-id", "rid-nf") in trailers
+    assert any(key == "grpc-status-details-bin" for key, _ in trailers)
 
 
 @pytest.mark.parametrize(
