@@ -220,6 +220,10 @@ class _CallBoundary:
     def _status_for(self, exc: BaseException, context: Any, state: _CallState) -> Any:
         """The google.rpc.Status to send for `exc`, or None to let it through; unbinds."""
         try:
+            if self.map_errors and _stray_cancellation(exc, context):
+                exc = StrayCancellation(
+                    f"{self.method}: something the handler awaited was cancelled, not the call"
+                )
             # CancelledError, GeneratorExit and the like are BaseExceptions: not ours to map.
             if (
                 not self.map_errors
@@ -261,6 +265,23 @@ class _CallBoundary:
                 request_id,
                 exc_info=exc,
             )
+
+
+class StrayCancellation(RuntimeError):
+    """A handler ended with CancelledError although its call was not cancelled."""
+
+
+def _stray_cancellation(exc: BaseException, context: Any) -> bool:
+    """Whether `exc` is a CancelledError that did not come from cancelling this call: the
+    handler awaited something that was cancelled on its own (a client call on a channel that
+    closed meanwhile, a future another task cancelled). grpc.aio sends no status for a handler
+    that ends with CancelledError, so the client would wait out its whole deadline: it gets
+    INTERNAL (with a request id) instead. The call's own cancellation (the client went away,
+    the server stops) cancels the handler's task, whose `cancelling()` then counts it."""
+    if not isinstance(exc, asyncio.CancelledError) or context.cancelled():
+        return False
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
 
 
 def _final_code_name(exc: BaseException | None, context: Any) -> str:

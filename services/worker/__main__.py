@@ -64,6 +64,7 @@ from services.worker.service import LoadProgressEvent, LoadRequest, OptionsKind,
 from services.worker.servicer import SERVICE_NAME, WorkerServicer
 from services.worker.settings import EngineName, WorkerSettings
 from services.worker.spare import SPARE_FLAG, prepare_engine_environment, run_spare
+from services.worker.stdout_lines import SERVING as SERVING_LINE
 
 logger = logging.getLogger("services.worker")
 
@@ -240,6 +241,7 @@ async def run(
             raise StartupError(f"cannot load {settings.model_path}: {exc}") from exc
     prepare_heap_for_serving()
     await running.set_serving()
+    print(SERVING_LINE, flush=True)  # for the pool that started this worker (stdout_lines.py)
     logger.info(
         "worker serving on port %d (metrics port %s, engine %s, device %s, queue %d, catalog %s)",
         running.port,

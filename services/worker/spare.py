@@ -6,10 +6,10 @@ About a second of a worker's spawn is the interpreter and its imports (grpc, pyd
 prometheus_client, then llama_cpp, or torch and diffusers), the same for every model. A spare
 does exactly that much ahead of time: it binds its device (CUDA_VISIBLE_DEVICES, before any
 backend is imported, as a worker does), imports the engine's modules, prints SPARE_READY on
-stdout, and then blocks on one line of stdin. The pool writes the worker's real command line
-there as JSON, `{"argv": [...]}` (the arguments after the command), and the spare becomes that
-worker: `main(argv)` in the same process, so its pid, pipes and parent-death signal are the
-ones the pool already supervises.
+stdout (services.worker.stdout_lines), and then blocks on one line of stdin. The pool writes the
+worker's real command line there as JSON, `{"argv": [...]}` (the arguments after the command),
+and the spare becomes that worker: `main(argv)` in the same process, so its pid, pipes and
+parent-death signal are the ones the pool already supervises.
 
 The argv must name the spare's own engine and device (a spare bound to cuda:0 must not become
 a worker of cuda:1): anything else exits with EXIT_MISMATCH before it runs. End of input
@@ -27,9 +27,9 @@ import sys
 from collections.abc import Callable, Sequence
 
 from services.worker.devices import bind_device, parse_device
+from services.worker.stdout_lines import SPARE_READY
 
 SPARE_FLAG = "--spare"
-SPARE_READY = "rbee-worker spare: ready"
 EXIT_MISMATCH = 3
 # A worker's command line is a few hundred bytes; anything near this is not one.
 MAX_LAUNCH_LINE = 1 << 20

@@ -12,7 +12,8 @@ import pytest
 from rbee.worker.v1 import pool_pb2 as pb
 from rbee.worker.v1 import worker_pb2 as wpb
 from services.worker.pool.process import LaunchSpec, WorkerProcess
-from services.worker.spare import EXIT_MISMATCH, SPARE_FLAG, SPARE_READY
+from services.worker.spare import EXIT_MISMATCH, SPARE_FLAG
+from services.worker.stdout_lines import SERVING, SPARE_READY
 from tests.fixtures.gguf_models import write_tiny_llama_gguf
 from tests.integration.test_pool import (
     Hive,
@@ -66,6 +67,8 @@ def test_the_next_spawn_starts_from_a_warm_spare(tmp_path: Path) -> None:
         texts = [line.text for msg in logs for line in msg.lines]
         assert any("worker serving" in text for text in texts)
         assert SPARE_READY not in texts
+        # The line the pool watches for (at once, not at its next health poll).
+        assert SERVING in texts
         log_file = hive.home / "pool" / "logs" / f"{second.name.removeprefix('workers/')}.log"
         assert "worker serving" in log_file.read_text()
 

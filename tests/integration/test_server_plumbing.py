@@ -92,6 +92,11 @@ class PlumbingServicer:
             return (current_request_id() or "").encode()
         if request == b"abort":
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "handler aborted itself")
+        if request == b"stray-cancel":
+            # What awaiting a client call on a channel that closed meanwhile does.
+            inner = asyncio.get_running_loop().create_future()
+            inner.cancel()
+            await inner
         raise_for(request)
         return request
 
@@ -254,6 +259,19 @@ async def test_unary_not_found_has_resource_info(channel: grpc.aio.Channel) -> N
     trailers = list(await call.trailing_metadata())
     assert ("x-request-id", "rid-nf") in trailers
     assert any(key == "grpc-status-details-bin" for key, _ in trailers)
+
+
+async def test_a_stray_cancellation_inside_a_handler_is_internal_not_a_hang(
+    channel: grpc.aio.Channel,
+) -> None:
+    # grpc.aio sends no status for a handler that ends with CancelledError: without the
+    # mapping the client would wait out its whole deadline.
+    call = channel.unary_unary(ECHO)(b"stray-cancel", metadata=(("x-request-id", "rid-sc"),))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await asyncio.wait_for(call, 20)
+
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert caught.value.details() == "internal error (request id rid-sc)"
 
 
 @pytest.mark.parametrize(

@@ -74,6 +74,7 @@ from services.worker.pool.process import LaunchSpec, LogLine, WorkerProcess
 from services.worker.pool.provisioner_link import InstallProgressNote, ProvisionerLink
 from services.worker.pool.spares import SpareKey, SpareWorkers
 from services.worker.pool.worker_link import WorkerLink, load_request
+from services.worker.stdout_lines import SERVING as SERVING_LINE
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +143,26 @@ class _Managed:
     monitor: asyncio.Task[None] | None = None
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     stopping: bool = False
+
+
+class _LineWatch:
+    """Sets `seen` when `process` prints `line` on stdout. Subscribes at construction, so
+    create it before anything that may make the process print (no line is missed)."""
+
+    def __init__(self, process: WorkerProcess, line: str) -> None:
+        self.seen = asyncio.Event()
+        lines = process.follow(stream="stdout")
+
+        async def watch() -> None:
+            async for printed in lines:
+                if printed.text == line:
+                    self.seen.set()
+                    return
+
+        self._task = asyncio.get_running_loop().create_task(watch(), name=f"watch-line:{line}")
+
+    def cancel(self) -> None:
+        self._task.cancel()
 
 
 def _utcnow() -> datetime:
@@ -588,14 +609,17 @@ class PoolService:
         log_path = self._config.logs_dir / f"{record.id}.log"
         managed.exited = asyncio.Event()
         process = await self.spares.claim(key)
+        serving: _LineWatch | None = None
         if process is not None:
+            serving = _LineWatch(process, SERVING_LINE)  # before the launch: no line missed
             try:
                 await process.send_launch(argv[len(key.command) :], log_path=log_path)
             except OSError as exc:
                 logger.info("the warm spare %d is gone (%s): starting afresh", process.pid, exc)
                 with contextlib.suppress(Exception):
                     await process.stop(grace=0, force=True)
-                process = None
+                serving.cancel()
+                process = serving = None
         start = "warm" if process is not None else "cold"
         yield spawn_event(
             record,
@@ -605,6 +629,8 @@ class PoolService:
         )
         if process is None:
             process = await WorkerProcess.start(LaunchSpec(argv=argv, env=env, log_path=log_path))
+        if serving is None:
+            serving = _LineWatch(process, SERVING_LINE)  # no await since the start: none missed
         if self._metrics is not None:
             self._metrics.starts.labels(start).inc()
         managed.process = process
@@ -617,12 +643,14 @@ class PoolService:
         managed.link = WorkerLink(record.endpoint, security=self._config.worker_security)
         timeout = self._load_timeout(record)
         try:
-            await managed.link.wait_serving(timeout, exited=managed.exited)
+            await managed.link.wait_serving(timeout, exited=managed.exited, serving=serving.seen)
         except RbeeError as exc:
             tail = managed.process.stderr_tail_text(lines=10)
             if tail:
                 exc.message = f"{exc.message}; stderr tail:\n{tail}"
             raise
+        finally:
+            serving.cancel()
 
     async def _load(
         self, managed: _Managed, preload: asyncio.Task[tuple[int, int]] | None

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 
 from services.catalog.domain import DeviceKind
 from services.worker.pool.process import LaunchSpec, WorkerProcess
-from services.worker.spare import SPARE_FLAG, SPARE_READY
+from services.worker.spare import SPARE_FLAG
+from services.worker.stdout_lines import SPARE_READY
 
 logger = logging.getLogger(__name__)
 

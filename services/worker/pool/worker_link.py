@@ -7,6 +7,7 @@ Worker errors come back as our own errors with the worker's status and reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -20,6 +21,9 @@ from services.common.channels import ChannelSecurity, open_aio_channel
 from services.common.errors import RbeeError, Unavailable, error_for_status
 from services.common.settings import FAST_RECONNECT_OPTIONS
 from services.worker.pool.domain import LiveStatus, PoolWorkerState
+
+# Between health checks while a worker starts (see WorkerLink.wait_serving).
+POLL_INTERVAL_S = 0.1
 
 _STATE_FROM_PB = {
     pb.WORKER_STATE_STARTING: PoolWorkerState.STARTING,
@@ -48,6 +52,25 @@ def _worker_error(exc: grpc.aio.AioRpcError, endpoint: str) -> RbeeError:
         reason=err.reason or None,
         resource_type=err.resource_type or "model",
         resource_name=err.resource_name,
+    )
+
+
+def closed_link_error(endpoint: str) -> RbeeError | None:
+    """For an `asyncio.CancelledError` caught around a call on a link: an Unavailable when the
+    call itself was cancelled (the link closed under it: the pool closes a worker's link when
+    the process exits), None when the task awaiting it is being cancelled (re-raise that).
+
+    Why: grpc.aio cancels a closing channel's calls, and awaiting a cancelled call raises
+    CancelledError in the caller. Left alone it would end a pool RPC (GetWorker asking a worker
+    that just died) as if that RPC had been cancelled: grpc then sends no status, and the
+    client waits out its whole deadline.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        return None
+    return Unavailable(
+        f"the link to the worker at {endpoint} closed during the call (the worker exited)",
+        reason="WORKER_UNAVAILABLE",
     )
 
 
@@ -80,15 +103,23 @@ class WorkerLink:
         self.endpoint = endpoint
         self._channel = open_aio_channel(endpoint, security, options=FAST_RECONNECT_OPTIONS)
         self._stub = worker_pb2_grpc.WorkerServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
         self._deadline = deadline
+        self._security = security
 
     async def close(self) -> None:
         await self._channel.close()
 
-    async def wait_serving(self, limit_s: float, *, exited: asyncio.Event) -> None:
+    async def wait_serving(
+        self, limit_s: float, *, exited: asyncio.Event, serving: asyncio.Event | None = None
+    ) -> None:
         """Until grpc.health.v1 says SERVING; Unavailable (WORKER_START_TIMEOUT) after
-        `limit_s`, or as soon as `exited` is set (the process is gone)."""
+        `limit_s`, or as soon as `exited` is set (the process is gone).
+
+        Polls every POLL_INTERVAL_S, or at once when `serving` is set (the worker printed that
+        it serves: services.worker.stdout_lines). Each poll uses a channel of its own, so the
+        refused connections of a worker still starting never put this link's channel into
+        reconnect backoff: the check after `serving` connects at once.
+        """
         deadline = time.monotonic() + limit_s
         while time.monotonic() < deadline:
             if exited.is_set():
@@ -96,17 +127,27 @@ class WorkerLink:
                     f"the worker exited before it became healthy ({self.endpoint})",
                     reason="WORKER_CRASHED",
                 )
-            try:
-                response = await self._health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.1)
+            if await self._serving_now():
+                return
+            if serving is None:
+                await asyncio.sleep(POLL_INTERVAL_S)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(serving.wait(), POLL_INTERVAL_S)
         raise Unavailable(
             f"the worker at {self.endpoint} was not healthy within {limit_s:.0f} s",
             reason="WORKER_START_TIMEOUT",
         )
+
+    async def _serving_now(self) -> bool:
+        async with open_aio_channel(self.endpoint, self._security) as channel:
+            try:
+                response = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=1
+                )
+            except grpc.aio.AioRpcError:
+                return False
+        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def load(
         self, request: pb.LoadModelRequest, *, limit_s: float
@@ -122,6 +163,11 @@ class WorkerLink:
                     yield _LOAD_STAGE_NAMES.get(p.stage, "loading"), fraction, p.message
         except grpc.aio.AioRpcError as exc:
             raise _worker_error(exc, self.endpoint) from None
+        except asyncio.CancelledError:
+            closed = closed_link_error(self.endpoint)
+            if closed is None:
+                raise
+            raise closed from None
 
     async def status(self) -> LiveStatus:
         try:
@@ -130,6 +176,11 @@ class WorkerLink:
             )
         except grpc.aio.AioRpcError as exc:
             raise _worker_error(exc, self.endpoint) from None
+        except asyncio.CancelledError:
+            closed = closed_link_error(self.endpoint)
+            if closed is None:
+                raise
+            raise closed from None
         return live_from_pb(msg)
 
 
