@@ -17,8 +17,8 @@ Three phases per round, their order rotated every round:
   (a) cold          evict the file from the page cache, then SpawnWorker(model) and one
                     Generate of 1 token (max_tokens 1, ignore_eos, greedy) on the new worker.
   (b) cold+preload  evict, then SpawnWorker(model, preload=True): the pool has the provisioner
-                    read the file into the page cache (PRELOADING) before it starts the worker;
-                    the preload's time is INSIDE the measurement.
+                    read the file into the page cache (PRELOADING) alongside the worker's start
+                    and load; the preload's time is INSIDE the measurement.
   (c) preloaded     evict, then the provisioner's Preload RPC to its end (timed apart, NOT in
                     the measurement), then SpawnWorker(model) without preload: the "model
                     already warm" case.

@@ -655,19 +655,18 @@ class PoolService:
     async def _load(
         self, managed: _Managed, preload: asyncio.Task[tuple[int, int]] | None
     ) -> AsyncIterator[SpawnEvent]:
-        """PRELOADING's end, LOADING, READY: the serving worker loads its model."""
+        """PRELOADING's end, LOADING, READY: the serving worker loads its model.
+
+        A preload that is still running when the worker serves does not hold the load back:
+        both read the same file (the page cache serves whichever comes second), so waiting
+        would only put the preload's whole read before the load's (a warm spare serves within
+        ~0.1 s, long before a large model is read). Its end is reported before READY."""
         record = managed.record
         assert managed.link is not None
         timeout = self._load_timeout(record)
-        if preload is not None:
-            done, total = await preload
-            yield spawn_event(
-                record,
-                SpawnStage.PRELOADING,
-                f"{done / 2**20:.0f} of {total / 2**20:.0f} MiB in the page cache",
-                preload_done=done,
-                preload_total=total,
-            )
+        if preload is not None and preload.done():
+            yield self._preloaded_event(record, preload.result())
+            preload = None
         self._set_state(record, PoolWorkerState.LOADING, f"loading {record.model}")
         yield spawn_event(
             record,
@@ -689,11 +688,24 @@ class PoolService:
                 load_stage=stage,
                 load_fraction=fraction,
             )
+        if preload is not None:
+            yield self._preloaded_event(record, await preload)
         self._set_state(record, PoolWorkerState.READY, f"serving {record.model}")
         yield spawn_event(
             record,
             SpawnStage.READY,
             f"{record.name} is ready on {record.endpoint}",
+        )
+
+    @staticmethod
+    def _preloaded_event(record: PoolWorker, progress: tuple[int, int]) -> SpawnEvent:
+        done, total = progress
+        return spawn_event(
+            record,
+            SpawnStage.PRELOADING,
+            f"{done / 2**20:.0f} of {total / 2**20:.0f} MiB in the page cache",
+            preload_done=done,
+            preload_total=total,
         )
 
     def _load_timeout(self, record: PoolWorker) -> float:
