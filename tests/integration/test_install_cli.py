@@ -34,6 +34,12 @@ def test_build_env_reaches_the_build(
         assert "looks like a secret" in capsys.readouterr().err
         assert not dump.exists()
 
+        assert main([*base, "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("dry run: ") and "nothing was built" in out
+        assert "installed" not in out.replace("would install", "")
+        assert not dump.exists()
+
         code = main(
             [
                 *base,

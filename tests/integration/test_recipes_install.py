@@ -205,6 +205,29 @@ def test_the_repository_recipes_parse_for_every_worker_type(tmp_path: Path) -> N
     assert cuda.directory == str(project_root() / "recipes" / "cuda-llm")
 
 
+async def test_a_recipe_whose_build_tools_are_missing_is_refused_before_it_runs(
+    tmp_path: Path,
+) -> None:
+    def no_cuda(name: str) -> str | None:
+        return None if name == "cuda" else f"/usr/bin/{name}"
+
+    book = RecipeBook(default_recipe_directories(tmp_path / "home"), find_tool=no_cuda)
+    cuda = book.get("cuda-llm")
+    assert not cuda.supported_on_host
+    assert "cuda (nvcc is not on the build's PATH" in cuda.unsupported_reason
+    assert book.get("cpu-llm").supported_on_host  # cmake and gcc are found
+    manager = InstallManager(recipes=book, home=tmp_path / "home")
+    await manager.start()
+    try:
+        with pytest.raises(FailedPrecondition) as refused:
+            await manager.install("cuda-llm", InstallOptions())
+        assert refused.value.reason == "UNSUPPORTED_PLATFORM"
+        assert "lacks what it needs to build: cuda" in refused.value.message
+        assert not (tmp_path / "home" / "provisioner" / "builds").exists()
+    finally:
+        await manager.close()
+
+
 # --- installs ----------------------------------------------------------------------------------
 
 

@@ -65,6 +65,7 @@ from services.common.errors import (
 )
 from services.provisioner.http import open_url, raise_for_status, redact_url
 from services.provisioner.recipes.pkgbuild import (
+    BUILD_BASE_PATH,
     PKGBUILD_FILE,
     Recipe,
     SourceEntry,
@@ -72,7 +73,7 @@ from services.provisioner.recipes.pkgbuild import (
     project_root,
 )
 
-BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
+BASE_PATH = BUILD_BASE_PATH
 TERM_GRACE = 0.5  # seconds between SIGTERM and SIGKILL of a build's process group
 MAX_LINE = 8192  # longer output lines are cut (a progress bar without newlines)
 LOG_TAIL = 40  # lines kept for BUILD_FAILED messages and job records

@@ -24,10 +24,13 @@ a slug (traversal, absolute paths, NUL bytes) is INVALID_ARGUMENT (INVALID_NAME)
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import shutil
 import subprocess
+import sys
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -430,6 +433,84 @@ def validate_recipe_name(name: str, field_name: str = "recipe") -> str:
     return recipe_id
 
 
+# The PATH a build runs with after the services' interpreter's own bin directory
+# (build.build_environment): where the tools a recipe depends on are looked for.
+BUILD_BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
+# CUDA's compiler where the toolkit installs it when it is not on the PATH.
+CUDA_HOMES = ("/usr/local/cuda",)
+_DEPENDENCY = re.compile(r"^([A-Za-z0-9_.+-]+?)\s*(>=|<=|==|=|>|<)?\s*([0-9][0-9.]*)?$")
+
+
+def build_tool_path() -> str:
+    """The PATH a build gets (build.build_environment): the services' interpreter first."""
+    return f"{Path(sys.executable).parent}:{BUILD_BASE_PATH}"
+
+
+def find_tool(name: str) -> str | None:
+    """Where the build would find `name`; `cuda` is CUDA's compiler (nvcc on the build's
+    PATH, in $CUDA_HOME/bin or in /usr/local/cuda/bin)."""
+    if name != "cuda":
+        return shutil.which(name, path=build_tool_path())
+    found = shutil.which("nvcc", path=build_tool_path())
+    if found is not None:
+        return found
+    homes = [os.environ.get("CUDA_HOME", ""), *CUDA_HOMES]
+    for home in filter(None, homes):
+        nvcc = Path(home) / "bin" / "nvcc"
+        if nvcc.is_file() and os.access(nvcc, os.X_OK):
+            return str(nvcc)
+    return None
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".") if part)
+
+
+def missing_dependencies(
+    pkgbuild: Pkgbuild,
+    *,
+    find: Callable[[str], str | None] = find_tool,
+    python_version: tuple[int, ...] = tuple(sys.version_info[:3]),
+) -> list[str]:
+    """What of `depends` and `makedepends` this host lacks, each with why: `python` (with an
+    optional version bound) is the services' interpreter, which builds use; `cuda` is CUDA's
+    compiler; any other name is a command on the build's PATH. Checked before a build runs,
+    so a recipe that cannot build here fails at once instead of minutes into its build."""
+    missing: list[str] = []
+    for dependency in [*pkgbuild.depends, *pkgbuild.makedepends]:
+        match = _DEPENDENCY.match(dependency.strip())
+        if match is None:
+            continue  # not a name we can check (the build will say)
+        name, op, version = match.groups()
+        if name == "python":
+            if op and version and not _satisfies(python_version, op, _version_tuple(version)):
+                shown = ".".join(str(part) for part in python_version)
+                missing.append(f"{dependency} (the services run Python {shown})")
+            continue
+        if find(name) is None:
+            where = (
+                "nvcc is not on the build's PATH, in $CUDA_HOME/bin or /usr/local/cuda/bin"
+                if name == "cuda"
+                else f"no {name} on the build's PATH"
+            )
+            missing.append(f"{name} ({where})")
+    return missing
+
+
+def _satisfies(have: tuple[int, ...], op: str, want: tuple[int, ...]) -> bool:
+    width = max(len(have), len(want))
+    a = have + (0,) * (width - len(have))
+    b = want + (0,) * (width - len(want))
+    return {
+        ">=": a >= b,
+        "<=": a <= b,
+        "==": a == b,
+        "=": a == b,
+        ">": a > b,
+        "<": a < b,
+    }[op]
+
+
 @dataclass
 class RecipeBook:
     """The recipes of the configured recipe directories (earlier directories win a name).
@@ -444,6 +525,8 @@ class RecipeBook:
     )
     host: tuple[str, str] = field(default_factory=host_platform)  # (platform, machine)
     parse_timeout: float = PARSE_TIMEOUT
+    # Where a build finds a tool a recipe depends on (missing_dependencies); tests fake it.
+    find_tool: Callable[[str], str | None] = find_tool
 
     def _locate(self, recipe_id: str) -> Path | None:
         for directory in self.directories:
@@ -506,7 +589,8 @@ class RecipeBook:
 
     def supports(self, pkgbuild: Pkgbuild, worker_type: str) -> tuple[bool, str]:
         """(whether it builds here, why not): the PKGBUILD's arch and the worker type's
-        platforms and CPU architectures against this host."""
+        platforms and CPU architectures against this host, then its depends and makedepends
+        (missing_dependencies)."""
         platform, machine = self.host
         carch = normalize_machine(machine)
         if "any" not in pkgbuild.arch and carch not in pkgbuild.arch:
@@ -517,6 +601,9 @@ class RecipeBook:
                 f"worker type {worker_type} runs on {'/'.join(wt.platforms)} "
                 f"({'/'.join(wt.cpu_architectures)}); this host is {platform} {carch}"
             )
+        missing = missing_dependencies(pkgbuild, find=self.find_tool)
+        if missing:
+            return False, f"this host lacks what it needs to build: {'; '.join(missing)}"
         return True, ""
 
 

@@ -69,7 +69,13 @@ def cmd_install(args: argparse.Namespace) -> int:
                     print(json_format.MessageToJson(msg, indent=None), flush=True)
                 elif msg.HasField("install"):
                     display.close()
-                    print(f"installed {msg.install.name} at {msg.install.path}")
+                    if args.dry_run:
+                        print(
+                            f"dry run: the recipe and its sources check out; nothing was built "
+                            f"(it would install {msg.install.name} at {msg.install.path})"
+                        )
+                    else:
+                        print(f"installed {msg.install.name} at {msg.install.path}")
                 else:
                     last_note = _show_install_progress(display, msg.progress, last_note, args)
         except grpc.RpcError as exc:
