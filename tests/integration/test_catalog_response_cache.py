@@ -15,20 +15,16 @@ from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client import CollectorRegistry
 
 from rbee.catalog.v1 import catalog_pb2 as pb
 from rbee.catalog.v1 import catalog_pb2_grpc
 from services.catalog import convert
 from services.catalog.domain import ModelState
 from services.catalog.message_cache import CompatibilityResponseCache
-from services.catalog.service import CatalogService, HostInfo
-from services.catalog.servicer import CatalogServicer
 from services.catalog.store import CatalogStore
-from services.catalog.worker_types import WorkerTypeRegistry
-from services.common.server import RunningServer, ServiceBinding, start_server
 from tests.fixtures.gguf_models import write_tiny_llama_gguf
-from tests.integration.server_harness import error_reason, serve_in_thread
+from tests.integration.server_harness import error_reason
+from tests.integration.test_catalog_server import catalog_server_with
 
 pytestmark = pytest.mark.integration
 
@@ -40,29 +36,9 @@ def catalog_with(
     home: Path, compat: CompatibilityResponseCache
 ) -> Iterator[tuple[catalog_pb2_grpc.CatalogServiceStub, CatalogStore]]:
     """A catalog server whose servicer uses `compat`; yields a stub and the server's store."""
-    store = CatalogStore.open(home / "catalog.db")
-
-    async def build() -> tuple[RunningServer, None]:
-        service = CatalogService(store, WorkerTypeRegistry(), host=HostInfo("linux", "x86_64"))
-        running = await start_server(
-            [
-                ServiceBinding(
-                    catalog_pb2_grpc.add_CatalogServiceServicer_to_server,
-                    CatalogServicer(service, compat=compat),
-                    "rbee.catalog.v1.CatalogService",
-                )
-            ],
-            listen="127.0.0.1:0",
-            metrics_listen=None,
-            registry=CollectorRegistry(),
-        )
-        running.on_stop(service.close)
-        await running.set_serving()
-        return running, None
-
     with (
-        serve_in_thread(build, name="catalog-response-cache") as (running, _),
-        grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+        catalog_server_with(home, compat=compat) as (address, store),
+        grpc.insecure_channel(address) as channel,
     ):
         yield catalog_pb2_grpc.CatalogServiceStub(channel), store
 

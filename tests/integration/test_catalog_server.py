@@ -6,6 +6,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -551,10 +552,9 @@ def test_every_write_is_visible_at_once_through_the_cache(
 
 
 @contextmanager
-def _catalog_with_cache(
-    home: Path, messages: ModelMessageCache
-) -> Iterator[tuple[str, CatalogStore]]:
-    """A catalog server whose servicer uses `messages`; yields its address and its store."""
+def catalog_server_with(home: Path, **servicer_options: Any) -> Iterator[tuple[str, CatalogStore]]:
+    """A catalog server whose CatalogServicer gets `servicer_options` (its caches); yields its
+    address and its store."""
     store = CatalogStore.open(home / "catalog.db")
 
     async def build() -> tuple[RunningServer, None]:
@@ -563,7 +563,7 @@ def _catalog_with_cache(
             [
                 ServiceBinding(
                     catalog_pb2_grpc.add_CatalogServiceServicer_to_server,
-                    CatalogServicer(service, messages=messages),
+                    CatalogServicer(service, **servicer_options),
                     "rbee.catalog.v1.CatalogService",
                 )
             ],
@@ -582,7 +582,7 @@ def _catalog_with_cache(
 def test_the_message_cache_is_bounded_and_pages_stay_exact(tmp_path: Path) -> None:
     messages = ModelMessageCache(max_entries=3)
     with (
-        _catalog_with_cache(tmp_path / "home", messages) as (address, store),
+        catalog_server_with(tmp_path / "home", messages=messages) as (address, store),
         grpc.insecure_channel(address) as channel,
     ):
         stub = catalog_pb2_grpc.CatalogServiceStub(channel)
