@@ -163,6 +163,25 @@ class LogFollower:
         return self._buffer.popleft()
 
 
+class LineWatch:
+    """Sets `seen` once a process prints a given line on stdout (WorkerProcess.watch_line)."""
+
+    def __init__(self, lines: AsyncIterator[LogLine], text: str) -> None:
+        self.seen = asyncio.Event()
+
+        async def watch() -> None:
+            async for line in lines:
+                if line.text == text:
+                    self.seen.set()
+                    return
+
+        self._task = asyncio.get_running_loop().create_task(watch(), name=f"watch-line:{text}")
+
+    def cancel(self) -> None:
+        """Stop watching (the event stays as it is)."""
+        self._task.cancel()
+
+
 def _check_stream(stream: str | None) -> None:
     if stream is not None and stream not in STREAMS:
         raise ValueError(f"stream must be one of {', '.join(STREAMS)} or None, got {stream!r}")
@@ -307,6 +326,12 @@ class WorkerProcess:
         else:
             self._followers.add(follower)
         return follower
+
+    def watch_line(self, text: str) -> LineWatch:
+        """A watch whose `seen` is set when this process prints `text` as a line on stdout.
+        Subscribed now, like `follow`: create it before anything that may make the process
+        print it (a launch), or with no await since the start, and no line is missed."""
+        return LineWatch(self.follow(stream=STDOUT), text)
 
     def stderr_tail_text(self, lines: int = 20, max_chars: int = 2000) -> str:
         """The last `lines` stderr lines as one text, cut to its last `max_chars` characters

@@ -70,7 +70,7 @@ from services.worker.pool.domain import (
     WorkerEventKind,
 )
 from services.worker.pool.metrics import PoolMetrics
-from services.worker.pool.process import LaunchSpec, LogLine, WorkerProcess
+from services.worker.pool.process import LaunchSpec, LineWatch, LogLine, WorkerProcess
 from services.worker.pool.provisioner_link import InstallProgressNote, ProvisionerLink
 from services.worker.pool.spares import SpareKey, SpareWorkers
 from services.worker.pool.worker_link import WorkerLink, load_request
@@ -143,26 +143,6 @@ class _Managed:
     monitor: asyncio.Task[None] | None = None
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     stopping: bool = False
-
-
-class _LineWatch:
-    """Sets `seen` when `process` prints `line` on stdout. Subscribes at construction, so
-    create it before anything that may make the process print (no line is missed)."""
-
-    def __init__(self, process: WorkerProcess, line: str) -> None:
-        self.seen = asyncio.Event()
-        lines = process.follow(stream="stdout")
-
-        async def watch() -> None:
-            async for printed in lines:
-                if printed.text == line:
-                    self.seen.set()
-                    return
-
-        self._task = asyncio.get_running_loop().create_task(watch(), name=f"watch-line:{line}")
-
-    def cancel(self) -> None:
-        self._task.cancel()
 
 
 def _utcnow() -> datetime:
@@ -609,9 +589,9 @@ class PoolService:
         log_path = self._config.logs_dir / f"{record.id}.log"
         managed.exited = asyncio.Event()
         process = await self.spares.claim(key)
-        serving: _LineWatch | None = None
+        serving: LineWatch | None = None
         if process is not None:
-            serving = _LineWatch(process, SERVING_LINE)  # before the launch: no line missed
+            serving = process.watch_line(SERVING_LINE)  # before the launch: no line missed
             try:
                 await process.send_launch(argv[len(key.command) :], log_path=log_path)
             except OSError as exc:
@@ -630,7 +610,7 @@ class PoolService:
         if process is None:
             process = await WorkerProcess.start(LaunchSpec(argv=argv, env=env, log_path=log_path))
         if serving is None:
-            serving = _LineWatch(process, SERVING_LINE)  # no await since the start: none missed
+            serving = process.watch_line(SERVING_LINE)  # no await since the start: none missed
         if self._metrics is not None:
             self._metrics.starts.labels(start).inc()
         managed.process = process

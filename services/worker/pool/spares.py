@@ -27,10 +27,10 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from services.catalog.domain import DeviceKind
-from services.worker.pool.process import LaunchSpec, WorkerProcess
+from services.worker.pool.process import LaunchSpec, LineWatch, WorkerProcess
 from services.worker.spare import SPARE_FLAG
 from services.worker.stdout_lines import SPARE_READY
 
@@ -64,8 +64,13 @@ class SpareKey:
 class _Spare:
     key: SpareKey
     process: WorkerProcess
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    ready: LineWatch  # SPARE_READY seen: its imports are done
     watcher: asyncio.Task[None] | None = None
+
+    def unwatch(self) -> None:
+        self.ready.cancel()
+        if self.watcher is not None:
+            self.watcher.cancel()
 
 
 class SpareWorkers:
@@ -93,10 +98,7 @@ class SpareWorkers:
     @property
     def ready_count(self) -> int:
         """Spares that have finished their imports and wait for a launch."""
-        return sum(1 for spare in self._spares.values() if spare.ready.is_set())
-
-    def __len__(self) -> int:
-        return len(self._spares)
+        return sum(1 for spare in self._spares.values() if spare.ready.seen.is_set())
 
     def pids(self) -> list[int]:
         """The running spares' pids (for tests and diagnostics)."""
@@ -111,8 +113,7 @@ class SpareWorkers:
         spare = self._spares.pop(key, None)
         if spare is None:
             return None
-        if spare.watcher is not None:
-            spare.watcher.cancel()
+        spare.unwatch()
         if spare.process.returncode is not None:
             logger.info(
                 "the warm spare for %s had exited (%s)", key.engine, spare.process.returncode
@@ -145,7 +146,7 @@ class SpareWorkers:
             except OSError as exc:
                 logger.warning("cannot start a warm spare %s: %s", " ".join(argv), exc)
                 return
-            spare = _Spare(key=key, process=process)
+            spare = _Spare(key=key, process=process, ready=process.watch_line(SPARE_READY))
             spare.watcher = asyncio.get_running_loop().create_task(
                 self._watch(spare), name=f"spare-watch:{process.pid}"
             )
@@ -156,12 +157,7 @@ class SpareWorkers:
                 del self._refills[key]
 
     async def _watch(self, spare: _Spare) -> None:
-        """Note when the spare is ready; forget it (with its stderr) if it exits unclaimed."""
-        follower = spare.process.follow(stream="stdout")
-        async for line in follower:
-            if line.text == SPARE_READY:
-                spare.ready.set()
-                break
+        """Forget the spare (saying why, with its stderr) if it exits unclaimed."""
         code = await spare.process.wait()
         if self._spares.get(spare.key) is spare:
             del self._spares[spare.key]
@@ -174,21 +170,8 @@ class SpareWorkers:
                     spare.process.stderr_tail_text(lines=5) or "no output",
                 )
 
-    async def wait_ready(self, limit_s: float) -> bool:
-        """Wait until every spare that exists or is coming is ready (tests, benchmarks); False
-        after `limit_s` seconds."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + limit_s
-        while loop.time() < deadline:
-            coming = any(not task.done() for task in self._refills.values())
-            if not coming and all(s.ready.is_set() for s in self._spares.values()):
-                return True
-            await asyncio.sleep(0.05)
-        return False
-
     async def _stop(self, spare: _Spare) -> None:
-        if spare.watcher is not None:
-            spare.watcher.cancel()
+        spare.unwatch()
         # End of input first: the spare exits 0 by itself; SIGTERM only if it does not.
         spare.process.close_stdin()
         try:

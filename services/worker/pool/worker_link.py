@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -55,23 +55,29 @@ def _worker_error(exc: grpc.aio.AioRpcError, endpoint: str) -> RbeeError:
     )
 
 
-def closed_link_error(endpoint: str) -> RbeeError | None:
-    """For an `asyncio.CancelledError` caught around a call on a link: an Unavailable when the
-    call itself was cancelled (the link closed under it: the pool closes a worker's link when
-    the process exits), None when the task awaiting it is being cancelled (re-raise that).
+@contextlib.contextmanager
+def worker_errors(endpoint: str) -> Iterator[None]:
+    """Around a call on a link: the worker's status as our error, and the call's own
+    cancellation (the link closed under it: the pool closes a worker's link when the process
+    exits) as Unavailable. A cancellation of the task awaiting the call passes through.
 
-    Why: grpc.aio cancels a closing channel's calls, and awaiting a cancelled call raises
-    CancelledError in the caller. Left alone it would end a pool RPC (GetWorker asking a worker
-    that just died) as if that RPC had been cancelled: grpc then sends no status, and the
-    client waits out its whole deadline.
+    Why the second: grpc.aio cancels a closing channel's calls, and awaiting a cancelled call
+    raises CancelledError in the caller. Left alone it would end a pool RPC (GetWorker asking a
+    worker that just died) as if that RPC had been cancelled: grpc then sends no status, and
+    the client waits out its whole deadline.
     """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        return None
-    return Unavailable(
-        f"the link to the worker at {endpoint} closed during the call (the worker exited)",
-        reason="WORKER_UNAVAILABLE",
-    )
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        raise _worker_error(exc, endpoint) from None
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        raise Unavailable(
+            f"the link to the worker at {endpoint} closed during the call (the worker exited)",
+            reason="WORKER_UNAVAILABLE",
+        ) from None
 
 
 def live_from_pb(msg: pb.Worker) -> LiveStatus:
@@ -153,7 +159,7 @@ class WorkerLink:
         self, request: pb.LoadModelRequest, *, limit_s: float
     ) -> AsyncIterator[tuple[str, float | None, str] | LiveStatus]:
         """LoadModel: (stage, fraction, message) per progress event, then the LiveStatus."""
-        try:
+        with worker_errors(self.endpoint):
             async for msg in self._stub.LoadModel(request, timeout=limit_s):
                 if msg.HasField("worker"):
                     yield live_from_pb(msg.worker)
@@ -161,26 +167,12 @@ class WorkerLink:
                     p = msg.progress
                     fraction = p.fraction if p.HasField("fraction") else None
                     yield _LOAD_STAGE_NAMES.get(p.stage, "loading"), fraction, p.message
-        except grpc.aio.AioRpcError as exc:
-            raise _worker_error(exc, self.endpoint) from None
-        except asyncio.CancelledError:
-            closed = closed_link_error(self.endpoint)
-            if closed is None:
-                raise
-            raise closed from None
 
     async def status(self) -> LiveStatus:
-        try:
+        with worker_errors(self.endpoint):
             msg = await self._stub.GetWorker(
                 pb.WorkerServiceGetWorkerRequest(), timeout=self._deadline
             )
-        except grpc.aio.AioRpcError as exc:
-            raise _worker_error(exc, self.endpoint) from None
-        except asyncio.CancelledError:
-            closed = closed_link_error(self.endpoint)
-            if closed is None:
-                raise
-            raise closed from None
         return live_from_pb(msg)
 
 
