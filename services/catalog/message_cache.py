@@ -61,10 +61,6 @@ class ModelMessageCache:
         framed, header = self._wire.get_or_compute(record.id, record.etag, lambda: _framed(record))
         return framed[header:]
 
-    def serialized_many(self, records: Sequence[ModelRecord]) -> list[bytes]:
-        """`serialized` for each record, in order (one cache lookup for the whole page)."""
-        return [framed[header:] for framed, header in self._framed_many(records)]
-
     def to_pb(self, record: ModelRecord) -> pb.Model:
         """A new Model message for this stored version (the caller owns it)."""
         return pb.Model.FromString(self.serialized(record))
