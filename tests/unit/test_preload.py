@@ -51,6 +51,7 @@ from services.provisioner.preload import (
     read_into_page_cache,
 )
 from services.provisioner.settings import ProvisionerSettings, parse_budget
+from tests.fixtures.residency import assert_resident
 
 pytestmark = [
     pytest.mark.unit,
@@ -168,13 +169,10 @@ def test_mincore_sees_dontneed_and_reads(tmp_path: Path) -> None:
     with open(path, "rb") as f:
         while f.read(MB):
             pass
-    assert file_resident_bytes(path) == size  # every page, the partial last one by its bytes
+    assert_resident(file_resident_bytes(path), size)  # the partial last page by its bytes
     residency = measure_residency([path])
-    assert (residency.resident_bytes, residency.total_bytes, residency.measured) == (
-        size,
-        size,
-        True,
-    )
+    assert (residency.total_bytes, residency.measured) == (size, True)
+    assert_resident(residency.resident_bytes, size)
     if sticky:
         pytest.skip(STICKY_REASON)
 
@@ -242,8 +240,8 @@ async def test_preload_warms_a_cold_model_and_streams_progress(tmp_path: Path) -
     events, record = await collect(await preloads.preload(name))
 
     assert record.total_bytes == total
-    assert record.resident_bytes == total  # measured with mincore after the reads
-    assert measure_residency([first, second]).resident_bytes == total
+    assert_resident(record.resident_bytes, total)  # measured with mincore after the reads
+    assert_resident(measure_residency([first, second]).resident_bytes, total)
     assert record.name == "preloads/warm-me" and record.model == name
     assert record.evicted_models == [] and not record.pinned and record.duration_seconds > 0
     # The stream: an event at once, progress that only grows, a last event with every byte.
@@ -256,7 +254,8 @@ async def test_preload_warms_a_cold_model_and_streams_progress(tmp_path: Path) -
     assert all(e.file_count == 2 for e in events)
     assert events[-1].bytes_per_second > 0
     assert registry.get_sample_value("rbee_provisioner_preloaded_bytes_total") == total
-    assert registry.get_sample_value("rbee_provisioner_preload_resident_bytes") == total
+    gauge = registry.get_sample_value("rbee_provisioner_preload_resident_bytes")
+    assert gauge == record.resident_bytes
     if sticky:
         pytest.skip(STICKY_REASON)
 
@@ -289,7 +288,7 @@ async def test_lru_eviction_beyond_the_budget(tmp_path: Path) -> None:
     page = await preloads.list_preloads()
     assert [r.model_id for r in page.preloads] == ["c", "a"]  # most recently used first
     assert page.budget_bytes == 10 * MB and page.evictions == 1 and page.total_size == 2
-    assert page.resident_bytes == 8 * MB
+    assert_resident(page.resident_bytes, 8 * MB)
     assert preloads.used_bytes() == 8 * MB
     assert (
         registry.get_sample_value("rbee_provisioner_preload_evictions_total", {"cause": "budget"})
@@ -357,7 +356,7 @@ async def test_a_caller_that_leaves_stops_the_read(tmp_path: Path) -> None:
     assert registry.get_sample_value("rbee_provisioner_preloaded_bytes_total") == 0
     # The turn was given back: the next preload runs at once.
     _, record = await asyncio.wait_for(collect(await preloads.preload(name)), 10)
-    assert record.resident_bytes == 48 * MB
+    assert_resident(record.resident_bytes, 48 * MB)
 
 
 async def test_task_cancellation_stops_the_read(tmp_path: Path) -> None:
@@ -410,7 +409,7 @@ async def test_get_list_delete_measure_at_call_time(tmp_path: Path) -> None:
     sticky = page_cache_keeps_pages(path)
     await collect(await preloads.preload(name))
     first = await preloads.get("preloads/kept")
-    assert first.resident_bytes == 8 * MB
+    assert_resident(first.resident_bytes, 8 * MB)
 
     # Something else drops the pages: Get and List see it, because they measure again.
     drop_from_page_cache([path])
