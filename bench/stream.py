@@ -532,6 +532,7 @@ class BenchConfig:
     keep: bool = False
     model_overrides: dict[str, int] = field(default_factory=dict)
     with_llama_server: bool = True
+    threads: int | None = None  # llama.cpp threads on every path; None: every usable core
     progress: Callable[[str], None] = field(default=lambda _message: None)
 
 
@@ -552,7 +553,7 @@ def run_benchmark(config: BenchConfig) -> BenchResult:
 
 def _run(config: BenchConfig, workdir: Path) -> BenchResult:
     say = config.progress
-    threads = usable_cores()
+    threads = config.threads or usable_cores()
     model = write_bench_model(workdir / "bench-stream.gguf", **config.model_overrides)
     parameters = count_parameters(model)
     say(f"model: {parameters / 1e6:.1f}M parameters, {model.stat().st_size / 2**20:.0f} MiB")
@@ -571,7 +572,8 @@ def _run(config: BenchConfig, workdir: Path) -> BenchResult:
                   f"{llm.n_vocab()} (256 byte tokens), context {CONTEXT_LENGTH}"),
         ("request", f"prompt {PROMPT!r}, greedy (temperature 0), repeat penalty 1, seed "
                     f"{SEED}, max_tokens {config.tokens}; CJK forced by a GBNF grammar"),
-        ("threads", f"{threads} on every path (llama.cpp decode and batch)"),
+        ("threads", f"{threads} on every path (llama.cpp decode and batch), of "
+                    f"{usable_cores()} usable cores"),
         ("runs", f"{config.runs} per path and kind, interleaved, after 1 warm-up each"),
     ]  # fmt: skip
     raw = RawLoop(llm)
@@ -749,6 +751,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the model")
     parser.add_argument("--keep", action="store_true", help="keep the model and logs")
     parser.add_argument("--no-llama-server", action="store_true", help="skip (d), llama_cpp.server")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="llama.cpp threads on every path (default: every usable core); fewer leaves cores "
+        "for the worker's gRPC and the client",
+    )
     return parser.parse_args(argv)
 
 
@@ -763,6 +772,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir=args.workdir,
         keep=args.keep,
         with_llama_server=not args.no_llama_server,
+        threads=max(1, args.threads) if args.threads else None,
         progress=progress,
     )
     result = run_benchmark(config)

@@ -13,6 +13,7 @@ from bench.stream import (
     llama_server_available,
     render_report,
     run_benchmark,
+    usable_cores,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.llm]
@@ -22,8 +23,12 @@ TINY_SHAPE = {"n_vocab": 512, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_head_k
 
 
 def test_tiny_run_reports_every_path_for_both_output_kinds(tmp_path: Path) -> None:
-    config = BenchConfig(runs=1, tokens=TOKENS, workdir=tmp_path, model_overrides=TINY_SHAPE)
+    config = BenchConfig(
+        runs=1, tokens=TOKENS, workdir=tmp_path, model_overrides=TINY_SHAPE, threads=1
+    )
     result = run_benchmark(config)
+    assert ("threads", f"1 on every path (llama.cpp decode and batch), of {usable_cores()} "
+            "usable cores") in result.facts  # fmt: skip
 
     assert set(result.stats) == {kind.name for kind in OUTPUT_KINDS}
     server = llama_server_available()
