@@ -1,7 +1,8 @@
 """Image benchmark (issue 4): diffusers called directly against our worker over gRPC.
 
     python -m bench.image [--rounds 5] [--images 4] [--width 64] [--height 64] [--steps 20]
-                          [--threads 1] [--prompt TEXT] [--pipeline DIR] [--workdir DIR] [--keep]
+                          [--threads 1] [--device cpu|cuda:N] [--prompt TEXT] [--pipeline DIR]
+                          [--workdir DIR] [--keep]
 
 One diffusers pipeline folder (by default the tests' tiny random StableDiffusionPipeline from
 tests/fixtures/sd_models.py, written into the work directory by the child of (a); `--pipeline`
@@ -79,7 +80,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red cube"
 SCHEDULER = "euler"  # the fixture's own class; both paths build it from the pipeline's config
 GUIDANCE = 7.5
-DTYPE = "float32"
+DTYPE = "float32"  # on the CPU; on a GPU both paths run float16 (the worker's default there)
+
+
+def dtype_for(device: str) -> str:
+    """The dtype both paths load the pipeline in on `device`."""
+    return DTYPE if device == "cpu" else "float16"
+
+
 MODEL_NAME = "models/bench-image"
 START_TIMEOUT_S = 180.0
 REQUEST_TIMEOUT_S = 600.0
@@ -137,11 +145,11 @@ def serve_direct(argv: Sequence[str]) -> int:
     # Only our answers go to the real stdout; anything the libraries print goes to stderr.
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    folder, threads = Path(argv[0]), int(argv[1])
+    folder, threads, device = Path(argv[0]), int(argv[1]), argv[2]
     import diffusers
     import torch
 
-    if argv[2:] == ["write"]:
+    if argv[3:] == ["write"]:
         # Here rather than in the parent: this process imports torch anyway, and the parent
         # (the gRPC client of (b)) stays light.
         from tests.fixtures.sd_models import write_tiny_sd_pipeline
@@ -155,9 +163,12 @@ def serve_direct(argv: Sequence[str]) -> int:
     diffusers.utils.logging.disable_progress_bar()
     started = time.perf_counter()
     pipe: Any = diffusers.DiffusionPipeline.from_pretrained(  # type: ignore[no-untyped-call]
-        folder, local_files_only=True, torch_dtype=getattr(torch, DTYPE), safety_checker=None
+        folder,
+        local_files_only=True,
+        torch_dtype=getattr(torch, dtype_for(device)),
+        safety_checker=None,
     )
-    pipe = pipe.to("cpu")
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     scheduler_class: Any = diffusers.EulerDiscreteScheduler
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
@@ -212,14 +223,16 @@ class DirectChild:
 
     label = "(a) diffusers called directly"
 
-    def __init__(self, folder: Path, threads: int, log: Path, *, write: bool = False) -> None:
+    def __init__(
+        self, folder: Path, threads: int, device: str, log: Path, *, write: bool = False
+    ) -> None:
         self._log = log
         with log.open("wb") as stderr:
             self.process = subprocess.Popen(
                 [sys.executable, "-c",
                  "import sys; from bench.image import serve_direct; "
                  "sys.exit(serve_direct(sys.argv[1:]))",
-                 str(folder), str(threads), *(["write"] if write else [])],
+                 str(folder), str(threads), device, *(["write"] if write else [])],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=stderr,
@@ -290,10 +303,11 @@ class WorkerPath:
 
     label = "(b) rbee worker over gRPC (loopback)"
 
-    def __init__(self, threads: int, workdir: Path) -> None:
+    def __init__(self, threads: int, device: str, workdir: Path) -> None:
         self.address = f"127.0.0.1:{free_port()}"
         self._log = workdir / "worker.stderr"
-        command = [*_worker_command(), "--engine", "diffusers", "--device", "cpu",
+        self._dtype = dtype_for(device)
+        command = [*_worker_command(), "--engine", "diffusers", "--device", device,
                    "--listen", self.address, "--metrics-listen", ""]  # fmt: skip
         if threads:
             command += ["--threads", str(threads)]
@@ -319,7 +333,7 @@ class WorkerPath:
         request = worker_pb.LoadModelRequest(
             model=MODEL_NAME,
             paths=[str(folder)],
-            image=load_pb2.ImageLoadOptions(dtype=DTYPE, scheduler=SCHEDULER),
+            image=load_pb2.ImageLoadOptions(dtype=self._dtype, scheduler=SCHEDULER),
         )
         started = time.perf_counter()
         responses = list(self._stub.LoadModel(request, timeout=START_TIMEOUT_S))
@@ -462,6 +476,7 @@ class BenchConfig:
     height: int = 64
     steps: int = 20
     threads: int = 1
+    device: str = "cpu"  # "cuda:0", ...: both paths on that GPU, float16
     prompt: str = PROMPT
     pipeline: Path | None = None  # None: write the tests' tiny pipeline into the workdir
     workdir: Path | None = None
@@ -520,9 +535,11 @@ def _run(config: BenchConfig, workdir: Path) -> BenchResult:
     folder = (workdir / "tiny-sd-pipeline" if write else config.pipeline or workdir).resolve()
     with contextlib.ExitStack() as stack:
         say("starting the diffusers child and rbee-worker")
-        direct = DirectChild(folder, config.threads, workdir / "direct.stderr", write=write)
+        direct = DirectChild(
+            folder, config.threads, config.device, workdir / "direct.stderr", write=write
+        )
         stack.callback(direct.close)
-        worker = WorkerPath(config.threads, workdir)
+        worker = WorkerPath(config.threads, config.device, workdir)
         stack.callback(worker.close)
         if write:
             direct.wait_written()
@@ -574,7 +591,7 @@ def _facts(
         ("software", f"torch {info['torch']}, diffusers {info['diffusers']}, Python "
                      f"{platform.python_version()}"),
         ("pipeline", f"{info['pipeline']} ({source}), {info['parameters'] / 1e6:.2f}M "
-                     f"parameters, {DTYPE}"),
+                     f"parameters, {dtype_for(config.device)} on {config.device}"),
         ("request", f"{config.width}x{config.height}, {config.steps} steps, scheduler "
                     f"{SCHEDULER}, guidance {GUIDANCE}, seeds 0..{config.images - 1}, "
                     f"prompt {config.prompt!r}"),
@@ -722,6 +739,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads on both paths (0: torch's default)"
     )
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda:N: both paths on it (float16 on a GPU)"
+    )
     parser.add_argument("--prompt", default=PROMPT, help="the prompt of every image")
     parser.add_argument(
         "--pipeline", type=Path, default=None, help="a diffusers folder instead of the tiny one"
@@ -743,6 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         height=args.height,
         steps=max(1, args.steps),
         threads=max(0, args.threads),
+        device=args.device,
         prompt=args.prompt,
         pipeline=args.pipeline,
         workdir=args.workdir,

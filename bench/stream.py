@@ -381,7 +381,7 @@ def _worker_command() -> list[str]:
 
 
 @contextlib.contextmanager
-def worker_process(model: Path, workdir: Path, threads: int) -> Iterator[str]:
+def worker_process(model: Path, workdir: Path, threads: int, device: str = "cpu") -> Iterator[str]:
     """The real `rbee-worker --engine llama_cpp` on a free port: gated on grpc.health.v1
     SERVING, then the model loaded with LoadModel over gRPC. Yields its address."""
     address = f"127.0.0.1:{_free_port()}"
@@ -393,7 +393,7 @@ def worker_process(model: Path, workdir: Path, threads: int) -> Iterator[str]:
                 "--engine",
                 "llama_cpp",
                 "--device",
-                "cpu",
+                device,
                 "--listen",
                 address,
                 "--metrics-listen",
@@ -410,7 +410,11 @@ def worker_process(model: Path, workdir: Path, threads: int) -> Iterator[str]:
             request = worker_pb.LoadModelRequest(
                 model=MODEL_NAME,
                 paths=[str(model)],
-                llm=load_pb.LlmLoadOptions(context_length=CONTEXT_LENGTH, threads=threads),
+                llm=load_pb.LlmLoadOptions(
+                    context_length=CONTEXT_LENGTH,
+                    threads=threads,
+                    gpu_layers=0 if device == "cpu" else -1,
+                ),
             )
             responses = list(stub.LoadModel(request, timeout=START_TIMEOUT_S))
             last = responses[-1] if responses else None
@@ -428,7 +432,9 @@ def llama_server_available() -> bool:
 
 
 @contextlib.contextmanager
-def llama_server_process(model: Path, workdir: Path, threads: int) -> Iterator[int]:
+def llama_server_process(
+    model: Path, workdir: Path, threads: int, gpu_layers: int = 0
+) -> Iterator[int]:
     """`python -m llama_cpp.server` on a free loopback port with the same model, context and
     threads; ready once GET /v1/models answers 200. Yields its port."""
     port = _free_port()
@@ -437,7 +443,8 @@ def llama_server_process(model: Path, workdir: Path, threads: int) -> Iterator[i
         process = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(model),
              "--n_ctx", str(CONTEXT_LENGTH), "--n_threads", str(threads),
-             "--n_threads_batch", str(threads), "--host", "127.0.0.1", "--port", str(port)],
+             "--n_threads_batch", str(threads), "--n_gpu_layers", str(gpu_layers),
+             "--host", "127.0.0.1", "--port", str(port)],
             stdout=subprocess.DEVNULL,
             stderr=stderr,
         )  # fmt: skip
@@ -533,6 +540,7 @@ class BenchConfig:
     model_overrides: dict[str, int] = field(default_factory=dict)
     with_llama_server: bool = True
     threads: int | None = None  # llama.cpp threads on every path; None: every usable core
+    device: str = "cpu"  # "cuda:0", ...: every layer on that GPU on every path
     progress: Callable[[str], None] = field(default=lambda _message: None)
 
 
@@ -554,6 +562,10 @@ def run_benchmark(config: BenchConfig) -> BenchResult:
 def _run(config: BenchConfig, workdir: Path) -> BenchResult:
     say = config.progress
     threads = config.threads or usable_cores()
+    gpu_layers = 0 if config.device == "cpu" else -1
+    if gpu_layers:
+        # (a) and (c) run in this process: only that GPU, as the worker binds it.
+        os.environ["CUDA_VISIBLE_DEVICES"] = config.device.partition(":")[2] or "0"
     model = write_bench_model(workdir / "bench-stream.gguf", **config.model_overrides)
     parameters = count_parameters(model)
     say(f"model: {parameters / 1e6:.1f}M parameters, {model.stat().st_size / 2**20:.0f} MiB")
@@ -562,7 +574,7 @@ def _run(config: BenchConfig, workdir: Path) -> BenchResult:
         n_ctx=CONTEXT_LENGTH,
         n_threads=threads,
         n_threads_batch=threads,
-        n_gpu_layers=0,
+        n_gpu_layers=gpu_layers,
         seed=SEED,
         verbose=False,
     )
@@ -574,6 +586,8 @@ def _run(config: BenchConfig, workdir: Path) -> BenchResult:
                     f"{SEED}, max_tokens {config.tokens}; CJK forced by a GBNF grammar"),
         ("threads", f"{threads} on every path (llama.cpp decode and batch), of "
                     f"{usable_cores()} usable cores"),
+        ("device", f"{config.device}" + (", every layer offloaded on every path"
+                                         if gpu_layers else "")),
         ("runs", f"{config.runs} per path and kind, interleaved, after 1 warm-up each"),
     ]  # fmt: skip
     raw = RawLoop(llm)
@@ -585,13 +599,13 @@ def _run(config: BenchConfig, workdir: Path) -> BenchResult:
         server_note = "n/a (llama_cpp.server extras not installed)"
     with contextlib.ExitStack() as stack:
         say("starting rbee-worker")
-        address = stack.enter_context(worker_process(model, workdir, threads))
+        address = stack.enter_context(worker_process(model, workdir, threads, config.device))
         worker = WorkerGrpc(address)
         stack.callback(worker.close)
         paths: list[StreamPath | None] = [raw, worker, completion, None]
         if not server_note:
             say("starting llama_cpp.server")
-            port = stack.enter_context(llama_server_process(model, workdir, threads))
+            port = stack.enter_context(llama_server_process(model, workdir, threads, gpu_layers))
             paths[3] = LlamaCppServer(port)
         stats: dict[str, list[PathStats]] = {}
         for kind in OUTPUT_KINDS:
@@ -752,6 +766,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the model and logs")
     parser.add_argument("--no-llama-server", action="store_true", help="skip (d), llama_cpp.server")
     parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu or cuda:N (a GPU build of llama-cpp-python; every layer offloaded on every path)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -773,6 +792,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep=args.keep,
         with_llama_server=not args.no_llama_server,
         threads=max(1, args.threads) if args.threads else None,
+        device=args.device,
         progress=progress,
     )
     result = run_benchmark(config)
