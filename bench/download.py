@@ -220,11 +220,14 @@ def run_hf_hub_download(target: Target, workdir: Path) -> Measurement:
     done = subprocess.run(
         [sys.executable, "-c", HF_SCRIPT, REPO_ID, FILENAME, target.endpoint, str(cache)],
         env=env,
-        check=True,
+        check=False,
         capture_output=True,
         text=True,
         timeout=_download_timeout(target.size),
     )
+    if done.returncode != 0:  # say why: the child's own error, not only its exit status
+        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"hf_hub_download failed (exit {done.returncode}):\n{tail}")
     cpu = _children_cpu() - children  # the interpreter's start and import included
     seconds_line, path_line = done.stdout.strip().splitlines()[-2:]
     _check_size(Path(path_line), target.size, "hf_hub_download")
