@@ -8,6 +8,8 @@ request-specific (prompts, model names, ids) ever becomes a label value.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.worker.engines.base import FinishReason
@@ -135,6 +137,20 @@ class WorkerMetrics:
         )
         # Children created up front so every reason shows (as 0) before it first happens.
         self._requests_by_reason = {label: self.requests.labels(label) for label in FINISH_LABELS}
+        self._registry = registry
+        self.device_memory: Gauge | None = None
+
+    def track_device_memory(self, read: Callable[[], float]) -> None:
+        """Export `rbee_worker_device_memory_bytes`, read at scrape time (GPU workers only: a
+        CPU worker has no such gauge rather than a made-up 0)."""
+        if self.device_memory is None:
+            self.device_memory = Gauge(
+                "rbee_worker_device_memory_bytes",
+                "GPU memory this worker process holds, as nvidia-smi reports it (context, "
+                "weights, caches); NaN where it cannot be measured.",
+                registry=self._registry,
+            )
+        self.device_memory.set_function(read)
 
     def count_request(self, finish_reason: str) -> None:
         """Count one finished request; `finish_reason` must be one of FINISH_LABELS."""

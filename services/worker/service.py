@@ -117,6 +117,7 @@ from services.worker.engines.image_base import (
     ImageProgress,
     ImageResult,
 )
+from services.worker.gpu_memory import GpuMemoryProbe
 from services.worker.metrics import FINISH_COMPLETED, FINISH_ERROR, FINISH_REJECTED, WorkerMetrics
 
 logger = logging.getLogger(__name__)
@@ -476,9 +477,12 @@ class WorkerService:
         backend_version: str = "",
         catalog: ModelCatalog | None = None,
         worker_types: WorkerTypeRegistry | None = None,
+        gpu_memory: GpuMemoryProbe | None = None,
     ) -> None:
         """`catalog`: where LoadModel by name looks models up (None: loads need paths).
-        `worker_types`: where this worker's type comes from (default: this host's registry)."""
+        `worker_types`: where this worker's type comes from (default: this host's registry).
+        `gpu_memory`: how a CUDA worker measures the device memory it holds (default: this
+        process in nvidia-smi's compute apps); unused on the CPU."""
         self._engine = engine
         self._device = device
         self._engine_name = engine_name
@@ -505,6 +509,11 @@ class WorkerService:
         self._closed = False
         self._current_cancel: threading.Event | None = None
         self._counters = WorkerCounters()
+        self._gpu_memory: GpuMemoryProbe | None = None
+        if device.kind is DeviceKind.CUDA:
+            self._gpu_memory = gpu_memory if gpu_memory is not None else GpuMemoryProbe()
+            # Measured at scrape time (in the metrics server's thread, cached briefly).
+            metrics.track_device_memory(self._gpu_memory.gauge_value)
         self._start_time = datetime.now(UTC)
         self._update_time = self._start_time
 
@@ -535,11 +544,18 @@ class WorkerService:
     def queue_depth(self) -> int:
         return self._turns.waiting
 
+    async def measure_device_memory(self) -> None:
+        """Refresh the GPU memory reading (CUDA workers; nvidia-smi off the event loop, at most
+        every couple of seconds), so the next get_worker() reports it."""
+        if self._gpu_memory is not None:
+            await asyncio.to_thread(self._gpu_memory.measure)
+
     def get_worker(self) -> WorkerInfo:
         """A snapshot of the worker."""
         loaded = self._loaded
         on_gpu = self._device.kind is not DeviceKind.CPU
         model_bytes = loaded.engine_model.memory_bytes if loaded else 0
+        measured = self._gpu_memory.last if self._gpu_memory is not None else None
         return WorkerInfo(
             name=self._name,
             device=self._device,
@@ -550,8 +566,9 @@ class WorkerService:
             model=loaded.model if loaded else "",
             loaded=loaded,
             ram_bytes=process_rss_bytes(),
-            # Best effort: the engine reports one number; on a GPU it is mostly device memory.
-            vram_bytes=model_bytes if on_gpu else 0,
+            # CUDA: what the driver says this process holds (context, weights, caches); where it
+            # cannot be measured, and on Metal, the engine's number for the model.
+            vram_bytes=measured if measured is not None else (model_bytes if on_gpu else 0),
             queue_depth=self._turns.waiting,
             queue_capacity=self._turns.capacity,
             counters=self.counters,
@@ -746,6 +763,7 @@ class WorkerService:
                 cancel.set()  # the caller went away: the engine aborts the load
         if item.error is not None:
             raise item.error
+        await self.measure_device_memory()
         yield self.get_worker()
 
     async def _check_load_request(self, request: LoadRequest) -> LoadTarget:

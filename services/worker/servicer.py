@@ -30,6 +30,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def GetWorker(
         self, request: pb.WorkerServiceGetWorkerRequest, context: Context
     ) -> pb.Worker:
+        await self._service.measure_device_memory()
         return convert.worker_to_pb(self._service.get_worker())
 
     async def LoadModel(

@@ -261,6 +261,10 @@ def test_cuda_llm_worker_generates_on_the_gpu(mesh: Mesh, cuda_llm: str, tmp_pat
     assert result["finishReason"] == "FINISH_REASON_LENGTH"
     assert sum(len(line["delta"]["tokenIds"]) for line in lines if "delta" in line) == 16
 
+    # The worker reports the GPU memory the driver says it holds (idle now: a stable number).
+    vram = int(str(mesh.worker("llm-gpu")["memory"]["vramBytes"]))  # type: ignore[index]
+    assert vram == compute_pids()[pid] * MIB
+
     # The worker's log says how many layers went to the GPU: all of them (-1).
     logs = mesh.ok("workers", "logs", "llm-gpu")
     offloaded = re.search(r"gpu_layers=(\d+)", logs)

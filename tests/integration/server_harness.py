@@ -19,6 +19,7 @@ from services.common.server import RunningServer, ServiceBinding, start_server
 from services.worker.devices import DeviceSpec
 from services.worker.engines.base import LlmEngine
 from services.worker.engines.image_base import ImageEngine
+from services.worker.gpu_memory import GpuMemoryProbe
 from services.worker.metrics import WorkerMetrics
 from services.worker.service import WorkerService
 from services.worker.servicer import SERVICE_NAME as WORKER_SERVICE_NAME
@@ -86,17 +87,20 @@ def serve_worker(
     queue_size: int = 8,
     metrics_listen: str | None = "127.0.0.1:0",
     registry: CollectorRegistry | None = None,
+    device: DeviceSpec | None = None,
+    gpu_memory: GpuMemoryProbe | None = None,
 ) -> Iterator[tuple[RunningServer, WorkerService]]:
-    """A WorkerService around `engine` (a CPU device) on 127.0.0.1:0."""
+    """A WorkerService around `engine` (default: on the CPU) on 127.0.0.1:0."""
     registry = registry if registry is not None else CollectorRegistry()
 
     async def build() -> tuple[RunningServer, WorkerService]:
         service = WorkerService(
             engine,
-            device=DeviceSpec(kind=DeviceKind.CPU),
+            device=device if device is not None else DeviceSpec(kind=DeviceKind.CPU),
             engine_name=engine_name,
             queue_size=queue_size,
             metrics=WorkerMetrics(registry),
+            gpu_memory=gpu_memory,
         )
         running = await start_server(
             [

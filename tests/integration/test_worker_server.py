@@ -6,6 +6,8 @@ test (marked llm) runs the real LlamaCppEngine on a tiny generated GGUF.
 
 from __future__ import annotations
 
+import math
+import os
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -17,12 +19,16 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from rbee.worker.v1 import generation_pb2 as gen_pb
 from rbee.worker.v1 import image_pb2, load_pb2, worker_pb2_grpc
 from rbee.worker.v1 import worker_pb2 as pb
+from services.catalog.domain import DeviceKind
+from services.worker.devices import DeviceSpec
 from services.worker.engines.base import LlmEngine
 from services.worker.engines.fake import FakeEngine
+from services.worker.gpu_memory import GpuMemoryProbe
 from services.worker.service import WorkerService
 from services.worker.servicer import SERVICE_NAME
 from tests.fixtures.gguf_models import write_tiny_llama_gguf
@@ -317,6 +323,79 @@ def test_metrics_scrape_shows_the_worker_metrics(
     assert "rbee_worker_queue_depth 0.0" in body
     assert "rbee_worker_model_load_seconds_count 1.0" in body
     assert 'method="Generate",service="rbee.worker.v1.WorkerService"' in body
+    assert "rbee_worker_device_memory_bytes" not in body  # a CPU worker has no GPU memory
+
+
+# ---- GPU memory, as the driver reports it -----------------------------------------------------
+
+
+def fake_nvidia_smi(folder: Path, lines: list[str]) -> Path:
+    """An nvidia-smi that answers the compute-apps query with `lines` (the I/O seam: the real
+    one needs a GPU; tests/gpu checks it there)."""
+    script = folder / "nvidia-smi"
+    body = "\n".join(f"echo '{line}'" for line in lines)
+    script.write_text(
+        f'#!/bin/sh\n[ "$1" = "--query-compute-apps=pid,used_memory" ] || exit 9\n{body}\n'
+    )
+    script.chmod(0o755)
+    return script
+
+
+def gauge(metrics_port: int, name: str) -> float | None:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read()
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    return None
+
+
+def test_a_cuda_worker_reports_the_gpu_memory_the_driver_measures(
+    tmp_path: Path, model_file: Path
+) -> None:
+    me = os.getpid()  # the in-process worker's pid
+    smi = fake_nvidia_smi(tmp_path, ["999999, 50", f"{me}, 1200", f"{me}, 34", "4242, [N/A]"])
+    probe = GpuMemoryProbe(nvidia_smi=str(smi), max_age=0)
+    cuda = DeviceSpec(kind=DeviceKind.CUDA)
+    with (
+        serve_worker(FakeEngine(), engine_name="fake", device=cuda, gpu_memory=probe) as (
+            running,
+            _,
+        ),
+        grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+    ):
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        idle = stub.GetWorker(pb.WorkerServiceGetWorkerRequest(), timeout=RPC_TIMEOUT)
+        assert idle.device.name == "devices/cuda-0"
+        assert idle.worker_type == "worker-types/cuda-llm"
+        assert idle.memory.vram_bytes == 1234 * 1024 * 1024  # summed over its two GPUs
+        ready = load(stub, model_file)[-1].worker
+        assert ready.memory.vram_bytes == 1234 * 1024 * 1024
+        assert ready.loaded_model.vram_bytes == 64  # the engine's own number for the model
+        assert running.metrics_port is not None
+        assert gauge(running.metrics_port, "rbee_worker_device_memory_bytes") == 1234 * 2**20
+
+
+def test_a_cuda_worker_the_driver_does_not_list_falls_back_to_the_model_estimate(
+    tmp_path: Path, model_file: Path
+) -> None:
+    # nvidia-smi runs, but not this process (another PID namespace, say): not measured.
+    smi = fake_nvidia_smi(tmp_path, ["999999, 50"])
+    probe = GpuMemoryProbe(nvidia_smi=str(smi), max_age=0)
+    cuda = DeviceSpec(kind=DeviceKind.CUDA)
+    with (
+        serve_worker(FakeEngine(), engine_name="fake", device=cuda, gpu_memory=probe) as (
+            running,
+            _,
+        ),
+        grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+    ):
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        ready = load(stub, model_file)[-1].worker
+        assert ready.memory.vram_bytes == 64  # the engine's number, not 0
+        assert running.metrics_port is not None
+        value = gauge(running.metrics_port, "rbee_worker_device_memory_bytes")
+        assert value is not None and math.isnan(value)
 
 
 # ---- the real engine -------------------------------------------------------------------------
