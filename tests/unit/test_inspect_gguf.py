@@ -13,13 +13,20 @@ from hypothesis import strategies as st
 
 from services.catalog.domain import ModelFormat, ModelType
 from services.catalog.inspect import InspectError, inspect_path
-from services.catalog.inspect.gguf import FTYPE_LABELS, quantization_label, read_gguf_header
+from services.catalog.inspect.gguf import (
+    FTYPE_LABELS,
+    VECTORIZED_MIN_STRINGS,
+    quantization_label,
+    read_gguf_header,
+    skip_short_strings,
+)
 from services.common.errors import NotFound
 from tests.fixtures.gguf_models import (
     CORRUPT_KINDS,
     LLAMA3_8B,
     LLAMA3_70B,
     GGMLType,
+    pack_string,
     write_adapter_gguf,
     write_corrupt_gguf,
     write_header_only_gguf,
@@ -328,3 +335,74 @@ def test_mutated_headers_only_raise_inspect_errors(
     with contextlib.suppress(InspectError, NotFound):
         inspect_path(path)
     assert time.perf_counter() - start < 1.0
+
+
+# --- the vectorized string walk ----------------------------------------------------------------
+
+
+def walk_strings(buf: bytes, off: int, count: int) -> int | None:
+    """The plain definition: `count` times, a u64 length then that many bytes (None past the
+    end)."""
+    for _ in range(count):
+        if off + 8 > len(buf):
+            return None
+        off += 8 + int.from_bytes(buf[off : off + 8], "little")
+        if off > len(buf):
+            return None
+    return off
+
+
+def packed(strings: list[bytes]) -> bytes:
+    return b"".join(pack_string(s) for s in strings)
+
+
+def test_vectorized_walk_lands_where_the_lengths_say() -> None:
+    strings = [f"\u0120tok{i}".encode() for i in range(20_000)] + ["\u00e9".encode() * 120]
+    data = b"HEAD" + packed(strings) + packed([b"after"]) + bytes(3)
+    assert skip_short_strings(data, 4, len(strings), len(data)) == walk_strings(
+        data, 4, len(strings)
+    )
+
+
+@pytest.mark.parametrize(
+    ("odd", "declined"),
+    [(b"", True), (b"x" * 256, True), (bytes(7) + b"z", True), (b"nul\x00inside", False)],
+    ids=["empty", "256-bytes", "zeros", "one-nul"],
+)
+def test_vectorized_walk_declines_what_it_cannot_vouch_for(odd: bytes, declined: bool) -> None:
+    strings = [b"ab"] * 100 + [odd] + [b"cd"] * 100
+    data = packed(strings) + b"tail"
+    expected = walk_strings(data, 0, len(strings))
+    assert expected == len(data) - 4
+    # Declined (the loop's job, then), or right: a lone NUL leaves no seven zero bytes.
+    assert skip_short_strings(data, 0, len(strings), len(data)) == (None if declined else expected)
+
+
+def test_vectorized_walk_declines_an_array_longer_than_the_buffer() -> None:
+    data = packed([b"ab"] * 10)
+    assert skip_short_strings(data, 0, 11, len(data)) is None
+    assert skip_short_strings(data, 0, 0, len(data)) == 0
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    strings=st.lists(st.binary(max_size=300), max_size=40),
+    trailer=st.binary(max_size=64),
+    extra=st.integers(min_value=0, max_value=3),
+)
+def test_vectorized_walk_is_never_wrong(strings: list[bytes], trailer: bytes, extra: int) -> None:
+    data = packed(strings) + trailer
+    count = len(strings) + extra  # some claim more strings than there are
+    got = skip_short_strings(data, 0, count, len(data))
+    assert got is None or got == walk_strings(data, 0, count)
+
+
+def test_the_parser_falls_back_when_the_fast_walk_declines(tmp_path: pathlib.Path) -> None:
+    # An array big enough for the vectorized walk, with empty strings it declines.
+    strings = [""] * 3000 + ["x" * 300] * 1200 + ["ok"] * 1000
+    assert len(strings) >= VECTORIZED_MIN_STRINGS
+    odd = write_header_only_gguf(
+        tmp_path / "odd-strings.gguf", **LLAMA3_70B, extra_kv={"rbee.test.strings": strings}
+    )
+    meta = inspect_path(odd)
+    assert meta.tensor_count == 723 and meta.block_count == 80  # parsed past the array
