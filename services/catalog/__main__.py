@@ -6,11 +6,13 @@ import asyncio
 import logging
 import platform
 import sys
+import threading
 from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry
 
 from rbee.catalog.v1 import catalog_pb2_grpc
+from services.catalog.inspect import warm_imports
 from services.catalog.service import CatalogService, HostInfo
 from services.catalog.servicer import CatalogServicer
 from services.catalog.settings import CatalogSettings
@@ -64,6 +66,8 @@ async def start_catalog(
         security=settings.server_security(),
     )
     running.on_stop(service.close)
+    # The first inspect should not pay for importing the readers: do it now, off the loop.
+    threading.Thread(target=warm_imports, name="warm-inspect-imports", daemon=True).start()
     return running
 
 

@@ -47,6 +47,12 @@ class InspectError(InvalidArgument):
     default_reason = MODEL_FILE_INVALID
 
 
+def warm_imports() -> None:
+    """Import the format readers (numpy with them) now, so that the first inspect does not
+    pay for it: the catalog calls this in a thread at start."""
+    from services.catalog.inspect import folders, gguf, safetensors  # noqa: F401
+
+
 def inspect_path(path: pathlib.Path) -> ModelMetadata:
     """Inspect a model file or folder and return its metadata.
 

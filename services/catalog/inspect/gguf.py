@@ -211,6 +211,11 @@ def _fail(path: pathlib.Path, message: str) -> InspectError:
     return InspectError(f"{path.name}: {message}", reason=MODEL_FILE_INVALID)
 
 
+try:
+    import numpy as _numpy
+except ImportError:  # pragma: no cover - a core dependency; the loop covers its absence
+    _numpy = None  # type: ignore[assignment]
+
 # Arrays of at least this many strings try the vectorized walk first (below that the loop is
 # as fast as numpy's setup).
 VECTORIZED_MIN_STRINGS = 4096
@@ -230,9 +235,8 @@ def skip_short_strings(buf: mmap.mmap | bytes, off: int, count: int, end: int) -
     """
     if count <= 0:
         return off
-    try:
-        import numpy as np
-    except ImportError:  # numpy is a dependency; without it the loop does the work
+    np = _numpy
+    if np is None:  # numpy is a dependency; without it the loop does the work
         return None
     starts: list[Any] = []
     found = 0
