@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -41,28 +41,35 @@ def parse_compute_apps(text: str) -> dict[int, int]:
     return held
 
 
+def run_nvidia_smi(binary: str, args: Sequence[str], timeout: float) -> tuple[int, str]:
+    """Run nvidia-smi with `args`: (exit code, stdout; stdout + stderr when it failed).
+    Raises OSError or subprocess.TimeoutExpired as subprocess.run does."""
+    done = subprocess.run(
+        [binary, *args],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=timeout,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    return done.returncode, done.stdout if done.returncode == 0 else done.stdout + done.stderr
+
+
 def compute_apps(nvidia_smi: str = "nvidia-smi", *, timeout: float = 2.0) -> dict[int, int] | None:
     """Every process's GPU memory now; None when nvidia-smi cannot tell."""
     binary = shutil.which(nvidia_smi)
     if binary is None:
         return None
     try:
-        done = subprocess.run(
-            [binary, *QUERY],
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=timeout,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
+        code, output = run_nvidia_smi(binary, QUERY, timeout)
     except (OSError, subprocess.TimeoutExpired) as exc:
         log.debug("%s: %s", binary, exc)
         return None
-    if done.returncode != 0:
-        log.debug("%s exited %d: %s", binary, done.returncode, done.stderr.strip()[:300])
+    if code != 0:
+        log.debug("%s exited %d: %s", binary, code, output.strip()[:300])
         return None
-    return parse_compute_apps(done.stdout)
+    return parse_compute_apps(output)
 
 
 class GpuMemoryProbe:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import grpc
@@ -15,6 +16,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common.settings import FAST_RECONNECT_OPTIONS
 
 BIN = Path(sys.executable).parent
+
+
+def run_rbee(
+    env: Mapping[str, str], *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """`rbee ARGS` with `env` over this process's environment, output captured; the exit code
+    is the caller's to check."""
+    return subprocess.run(
+        [str(BIN / "rbee"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **env},
+        check=False,
+    )
 
 
 def free_port() -> int:

@@ -23,7 +23,7 @@ import pytest
 
 from rbee.catalog.v1 import catalog_pb2 as cpb
 from rbee.catalog.v1 import catalog_pb2_grpc
-from tests.e2e.processes import BIN, free_port, wait_healthy
+from tests.e2e.processes import BIN, free_port, run_rbee, wait_healthy
 from tests.fixtures.fake_hub import FakeHub
 from tests.fixtures.gguf_models import LLAMA3_8B, write_header_only_gguf, write_tiny_llama_gguf
 
@@ -60,14 +60,7 @@ class Services:
         self.provisioner.wait(timeout=10)
 
     def rbee(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [RBEE, *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env={**os.environ, **self.env},
-            check=False,
-        )
+        return run_rbee(self.env, *args, timeout=timeout)
 
     def models(self) -> list[cpb.Model]:
         with grpc.insecure_channel(self.catalog_address) as channel:

@@ -28,14 +28,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.processes import BIN
+from tests.e2e.processes import run_rbee
 from tests.e2e.test_mesh_cli import free_base_port
 from tests.fixtures.gguf_models import write_tiny_llama_gguf
 from tests.fixtures.sd_models import write_tiny_sd_pipeline
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cuda, pytest.mark.timeout(3600)]
 
-RBEE = str(BIN / "rbee")
 MIB = 1024 * 1024
 
 
@@ -97,14 +96,7 @@ class Mesh:
     logs: Path
 
     def rbee(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(
-            [RBEE, *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env={**os.environ, **self.env},
-            check=False,
-        )
+        done = run_rbee(self.env, *args, timeout=timeout)
         with self.logs.open("a") as log:
             log.write(f"$ rbee {shlex.join(args)}\n-> {done.returncode}\n")
             log.write(done.stdout + done.stderr + "\n")

@@ -350,11 +350,9 @@ def gauge(metrics_port: int, name: str) -> float | None:
     return None
 
 
-def test_a_cuda_worker_reports_the_gpu_memory_the_driver_measures(
-    tmp_path: Path, model_file: Path
-) -> None:
-    me = os.getpid()  # the in-process worker's pid
-    smi = fake_nvidia_smi(tmp_path, ["999999, 50", f"{me}, 1200", f"{me}, 34", "4242, [N/A]"])
+@contextmanager
+def cuda_worker(smi: Path) -> Iterator[tuple[worker_pb2_grpc.WorkerServiceStub, int]]:
+    """A fake-engine worker on cuda:0 whose GPU memory probe runs `smi`: (stub, metrics port)."""
     probe = GpuMemoryProbe(nvidia_smi=str(smi), max_age=0)
     cuda = DeviceSpec(kind=DeviceKind.CUDA)
     with (
@@ -364,7 +362,16 @@ def test_a_cuda_worker_reports_the_gpu_memory_the_driver_measures(
         ),
         grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel,
     ):
-        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        assert running.metrics_port is not None
+        yield worker_pb2_grpc.WorkerServiceStub(channel), running.metrics_port
+
+
+def test_a_cuda_worker_reports_the_gpu_memory_the_driver_measures(
+    tmp_path: Path, model_file: Path
+) -> None:
+    me = os.getpid()  # the in-process worker's pid
+    smi = fake_nvidia_smi(tmp_path, ["999999, 50", f"{me}, 1200", f"{me}, 34", "4242, [N/A]"])
+    with cuda_worker(smi) as (stub, metrics_port):
         idle = stub.GetWorker(pb.WorkerServiceGetWorkerRequest(), timeout=RPC_TIMEOUT)
         assert idle.device.name == "devices/cuda-0"
         assert idle.worker_type == "worker-types/cuda-llm"
@@ -372,29 +379,17 @@ def test_a_cuda_worker_reports_the_gpu_memory_the_driver_measures(
         ready = load(stub, model_file)[-1].worker
         assert ready.memory.vram_bytes == 1234 * 1024 * 1024
         assert ready.loaded_model.vram_bytes == 64  # the engine's own number for the model
-        assert running.metrics_port is not None
-        assert gauge(running.metrics_port, "rbee_worker_device_memory_bytes") == 1234 * 2**20
+        assert gauge(metrics_port, "rbee_worker_device_memory_bytes") == 1234 * 2**20
 
 
 def test_a_cuda_worker_the_driver_does_not_list_falls_back_to_the_model_estimate(
     tmp_path: Path, model_file: Path
 ) -> None:
     # nvidia-smi runs, but not this process (another PID namespace, say): not measured.
-    smi = fake_nvidia_smi(tmp_path, ["999999, 50"])
-    probe = GpuMemoryProbe(nvidia_smi=str(smi), max_age=0)
-    cuda = DeviceSpec(kind=DeviceKind.CUDA)
-    with (
-        serve_worker(FakeEngine(), engine_name="fake", device=cuda, gpu_memory=probe) as (
-            running,
-            _,
-        ),
-        grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel,
-    ):
-        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+    with cuda_worker(fake_nvidia_smi(tmp_path, ["999999, 50"])) as (stub, metrics_port):
         ready = load(stub, model_file)[-1].worker
         assert ready.memory.vram_bytes == 64  # the engine's number, not 0
-        assert running.metrics_port is not None
-        value = gauge(running.metrics_port, "rbee_worker_device_memory_bytes")
+        value = gauge(metrics_port, "rbee_worker_device_memory_bytes")
         assert value is not None and math.isnan(value)
 
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.catalog.domain import Device, DeviceKind
+from services.worker.gpu_memory import run_nvidia_smi
 
 logger = logging.getLogger(__name__)
 
@@ -357,16 +358,9 @@ def detect_cpu(*, timeout: float = 5.0) -> HostDevice:
 
 
 def _run_nvidia_smi(binary: str, fields: Sequence[str], timeout: float) -> tuple[int, str]:
-    done = subprocess.run(
-        [binary, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"],
-        capture_output=True,
-        text=True,
-        errors="replace",
-        timeout=timeout,
-        check=False,
-        stdin=subprocess.DEVNULL,
+    return run_nvidia_smi(
+        binary, (f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"), timeout
     )
-    return done.returncode, done.stdout if done.returncode == 0 else done.stdout + done.stderr
 
 
 def nvidia_smi_devices(
