@@ -86,14 +86,19 @@ class GpuMemoryProbe:
         nvidia_smi: str = "nvidia-smi",
         max_age: float = 2.0,
         timeout: float = 2.0,
+        failure_backoff: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         query: Callable[[], dict[int, int] | None] | None = None,
     ) -> None:
-        """`query`: what reads every process's GPU memory (default: nvidia-smi, `timeout`)."""
+        """`query`: what reads every process's GPU memory (default: nvidia-smi, `timeout`).
+        After nvidia-smi fails or times out, it is not asked again for `failure_backoff`
+        seconds: a hung driver must not make every GetWorker wait `timeout`."""
         self._pid = os.getpid() if pid is None else pid
         self._query = query or (lambda: compute_apps(nvidia_smi, timeout=timeout))
         self._max_age = max_age
+        self._failure_backoff = max(failure_backoff, max_age)
         self._clock = clock
+        self._valid_for = max_age
         self._lock = threading.Lock()
         self._measured_at: float | None = None
         self._last: int | None = None
@@ -107,11 +112,13 @@ class GpuMemoryProbe:
         """Bytes this process holds on its GPUs, at most `max_age` old; None when unknown."""
         with self._lock:
             now = self._clock()
-            if self._measured_at is not None and now - self._measured_at < self._max_age:
+            if self._measured_at is not None and now - self._measured_at < self._valid_for:
                 return self._last
             apps = self._query()
             self._last = None if apps is None else apps.get(self._pid)
             self._measured_at = self._clock()
+            # Not listed (no CUDA context yet) is an answer; no answer at all backs off.
+            self._valid_for = self._max_age if apps is not None else self._failure_backoff
             return self._last
 
     def gauge_value(self) -> float:

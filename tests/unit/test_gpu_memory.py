@@ -57,6 +57,11 @@ def test_the_probe_reads_its_own_pid_at_most_once_per_max_age() -> None:
     assert probe.measure() == 9 * MIB and len(calls) == 2
     assert probe.gauge_value() == float(9 * MIB)  # still fresh: no third read
     now[0] += 2.0
-    assert probe.measure() is None and probe.last is None
+    assert probe.measure() is None and probe.last is None  # not listed: asked again in 2 s
     now[0] += 2.0
+    assert probe.measure() is None and len(calls) == 4  # nvidia-smi failed: back off
+    now[0] += 29.0
     assert probe.measure() is None and len(calls) == 4
+    readings.append({4021: 5 * MIB})
+    now[0] += 1.5
+    assert probe.measure() == 5 * MIB and len(calls) == 5
