@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import math
 import os
 import platform
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -37,7 +37,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import BaseModel
 
 from bench.console import Progress, command_line
-from bench.processes import wait_serving
+from bench.processes import stop_process, wait_serving
 from rbee.catalog.v1 import catalog_pb2 as pb
 from rbee.catalog.v1 import catalog_pb2_grpc
 from services.catalog import convert
@@ -435,9 +435,13 @@ def _free_port() -> int:
 
 
 @contextmanager
-def catalog_process(home: Path, *, timeout: float = 60.0) -> Iterator[str]:
+def catalog_process(
+    home: Path, *, log: Path | None = None, token: str = "", timeout: float = 60.0
+) -> Iterator[tuple[str, int]]:
     """The real `rbee-catalog` (python -m services.catalog) on `home`, as clients meet it: its
-    own process, gated on grpc.health.v1 SERVING; SIGTERM on exit. Yields its address."""
+    own process, gated on grpc.health.v1 SERVING (exempt from the token, so auth on works too),
+    stopped on exit. `token` turns auth on (none inherited from this environment); `log`
+    takes its stderr. Yields (address, pid)."""
     address = f"127.0.0.1:{_free_port()}"
     env = {
         **os.environ,
@@ -446,17 +450,23 @@ def catalog_process(home: Path, *, timeout: float = 60.0) -> Iterator[str]:
         "RBEE_CATALOG_METRICS_LISTEN": "",
         "RBEE_CATALOG_LOG_LEVEL": "WARNING",
     }
-    process = subprocess.Popen([sys.executable, "-m", "services.catalog"], env=env)
+    env.pop("RBEE_AUTH_TOKEN_FILE", None)
+    env.pop("RBEE_AUTH_TOKEN", None)
+    if token:
+        env["RBEE_AUTH_TOKEN"] = token
+    with contextlib.ExitStack() as files:
+        stderr = files.enter_context(log.open("wb")) if log is not None else None
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.catalog"],
+            env=env,
+            stdout=subprocess.DEVNULL if log is not None else None,
+            stderr=stderr,
+        )
     try:
-        wait_serving(address, process, name="rbee-catalog", timeout=timeout)
-        yield address
+        wait_serving(address, process, name="rbee-catalog", timeout=timeout, log=log)
+        yield address, process.pid
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process)
 
 
 def measure_rbee_grpc(
@@ -686,7 +696,7 @@ def _run(config: BenchConfig, workdir: Path) -> BenchResult:
 
     say("starting the catalog server and measuring over gRPC")
     start = time.perf_counter()
-    with catalog_process(home) as address:
+    with catalog_process(home) as (address, _):
         server_start = time.perf_counter() - start
         remote = measure_rbee_grpc(address, ids, config.iterations, rng, gguf_path)
 

@@ -28,18 +28,16 @@ import asyncio
 import os
 import platform
 import random
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.catalog import bench_workdir, build_models, populate_rbee
+from bench.catalog import bench_workdir, build_models, catalog_process, populate_rbee
 from bench.console import Progress, command_line
-from bench.processes import cpu_seconds, free_port, stop_process, wait_serving
+from bench.processes import cpu_seconds
 from rbee.catalog.v1 import catalog_pb2 as cpb
 from rbee.catalog.v1 import catalog_pb2_grpc
 from services.catalog.domain import ModelState
@@ -202,36 +200,6 @@ def measure(
 # --- the catalog process -----------------------------------------------------------------------
 
 
-@contextmanager
-def catalog_server(home: Path, log: Path, token: str) -> Iterator[tuple[str, int]]:
-    """The real rbee-catalog on `home`; yields (address, pid)."""
-    address = f"127.0.0.1:{free_port()}"
-    env = {
-        **os.environ,
-        "RBEE_HOME": str(home),
-        "RBEE_CATALOG_LISTEN": address,
-        "RBEE_CATALOG_METRICS_LISTEN": "",
-        "RBEE_CATALOG_LOG_LEVEL": "WARNING",
-    }
-    env.pop("RBEE_AUTH_TOKEN_FILE", None)
-    env.pop("RBEE_AUTH_TOKEN", None)
-    if token:
-        env["RBEE_AUTH_TOKEN"] = token
-    with log.open("wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "services.catalog"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    try:
-        # Health is exempt from the token by default, so this works with auth on too.
-        wait_serving(address, process, name="rbee-catalog", timeout=START_TIMEOUT_S, log=log)
-        yield address, process.pid
-    finally:
-        stop_process(process)
-
-
 # --- the report -------------------------------------------------------------------------------
 
 
@@ -314,10 +282,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets = Targets(names, compat)
         security = ChannelSecurity(token=args.token)
         load_before = os.getloadavg()[0]
-        with catalog_server(workdir / "home", workdir / "catalog.stderr", args.token) as (
-            address,
-            pid,
-        ):
+        with catalog_process(
+            workdir / "home",
+            log=workdir / "catalog.stderr",
+            token=args.token,
+            timeout=START_TIMEOUT_S,
+        ) as (address, pid):
             if args.pause:
                 progress(f"rbee-catalog pid {pid} on {address}; press Enter to measure")
                 sys.stdin.readline()
