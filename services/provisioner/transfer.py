@@ -18,6 +18,15 @@ The shape of a download, and why:
   full) fail at once.
 - Cancellation is checked per buffer, and a watcher thread shuts the socket down when the event
   is set, so even a read blocked on a silent server returns within a fraction of a second.
+- The partial is written with O_DIRECT where the filesystem allows it (`direct_io`, on by
+  default): the bytes go from the ring's page-aligned buffers to the disk without a copy into the
+  page cache. Buffered writes cost about as much CPU as the sha256 leaves free (1.4 s of kernel
+  time per GiB on a 2-core host, plus the writeback), evict the page cache that running workers
+  read their models from, and left the final fsync a disk's worth of dirty pages to wait for.
+  Aligned blocks go direct; the few bytes around a resume or a failed read, and the file's tail,
+  are written buffered (the receiver sizes its next buffer so the offset realigns at once).
+  Where O_DIRECT is refused (tmpfs on older kernels, some network filesystems) every write is
+  buffered, with a background fdatasync every FLUSH_BYTES.
 - One process at a time writes a given partial: `fcntl.flock` on `<dest>.lock`.
 
 Secrets: the token travels only inside `http.open_url` (first origin only); every URL that can
@@ -32,6 +41,7 @@ import fcntl
 import hashlib
 import http.client
 import logging
+import mmap
 import os
 import queue
 import random
@@ -69,6 +79,9 @@ RING_BUFFERS = 4  # filled buffers in flight: one being received, one hashed, on
 # Written bytes between background fdatasync calls: the disk writes back while the network runs,
 # so the final fsync has little left to do (it cost ~0.9 s per 2 GiB when left to the end).
 FLUSH_BYTES = 256 * 1024 * 1024
+# O_DIRECT granularity for file offsets, lengths and buffer addresses: the largest logical block
+# size in use (4 KiB sector disks); 512-byte devices accept it too.
+DIRECT_ALIGN = 4096
 # Bytes asked of the response per read: what one failed read may lose (see `_receive`).
 READ_BYTES = 1024 * 1024
 CANCEL_POLL = 0.1  # how often the lock wait and the socket watcher look at the cancel event
@@ -88,6 +101,7 @@ class TransferSettings:
     connect_timeout: float = 30.0
     bandwidth_limit: int = 0  # bytes/s, 0 = unlimited
     free_space_margin: int = 64 * 1024 * 1024
+    direct_io: bool = True  # write the partial with O_DIRECT where the filesystem allows it
 
 
 # --- pure parts -------------------------------------------------------------------------------
@@ -342,22 +356,46 @@ def _hash_file_into(
 # --- the pipeline: receive -> hash -> write, on a ring of buffers -----------------------------
 
 
+def open_direct(path: Path) -> int | None:
+    """A second, O_DIRECT descriptor on `path` for writing; None where it cannot be had."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | flag)
+    except OSError as exc:  # EINVAL: the filesystem does not do direct I/O
+        logger.debug("no direct I/O for %s (%s); writing through the page cache", path, exc)
+        return None
+
+
 class _RingPipeline:
     """A ring of preallocated buffers flowing from the caller to a hashing and a writing thread.
 
-    The caller `acquire`s a free buffer, fills it, and `submit`s it; the hashing thread updates
-    the sha256 and passes it to the writing thread, which appends it to the partial file and
-    returns it to the ring. A flushing thread fdatasyncs every FLUSH_BYTES in the background.
-    A write error (ENOSPC, EFBIG) stops the writing and is raised to the caller at its next
-    `acquire` or `drain`.
+    The caller `acquire`s a free buffer, fills it (at most `fill_limit()` bytes), and `submit`s
+    it; the hashing thread updates the sha256 and passes it to the writing thread, which writes
+    it at the end of the partial file and returns it to the ring. Aligned blocks go through
+    `direct_fd` (O_DIRECT) when there is one, the rest through `fd`. A flushing thread
+    fdatasyncs every FLUSH_BYTES written through the page cache, in the background. A write
+    error (ENOSPC, EFBIG) stops the writing and is raised to the caller at its next `acquire` or
+    `drain`.
     """
 
-    def __init__(self, fd: int, offset: int, hasher: _Hasher, buffer_bytes: int) -> None:
+    def __init__(
+        self,
+        fd: int,
+        offset: int,
+        hasher: _Hasher,
+        buffer_bytes: int,
+        direct_fd: int | None = None,
+    ) -> None:
         self.fd = fd
+        self.direct_fd = direct_fd
         self.hasher = hasher
         self.submitted = offset  # bytes handed over (all will be written, or `error` is set)
         self.error: OSError | None = None
-        self._buffers = [bytearray(buffer_bytes) for _ in range(RING_BUFFERS)]
+        self._write_offset = offset  # where the writing thread writes next
+        # Anonymous mappings are page-aligned, as O_DIRECT wants the memory to be.
+        self._buffers = [mmap.mmap(-1, buffer_bytes) for _ in range(RING_BUFFERS)]
         self.views = [memoryview(b) for b in self._buffers]
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for index in range(RING_BUFFERS):
@@ -376,6 +414,14 @@ class _RingPipeline:
         ]
         for thread in self._threads:
             thread.start()
+
+    def fill_limit(self) -> int:
+        """How many bytes the next buffer should take: short once after an unaligned offset
+        (a resume, a failed read), so that the buffers after it start on an aligned one."""
+        size = len(self.views[0])
+        if self.direct_fd is None:
+            return size
+        return size - self.submitted % DIRECT_ALIGN
 
     def acquire(self, cancel: threading.Event) -> int:
         """A free buffer's index; raises the writer's error, or Cancelled while waiting."""
@@ -407,9 +453,9 @@ class _RingPipeline:
     def restart(self, hasher: _Hasher) -> None:
         """Throw the bytes away and start the file over from 0 (after `drain`)."""
         os.ftruncate(self.fd, 0)
-        os.lseek(self.fd, 0, os.SEEK_SET)
         self.hasher = hasher
         self.submitted = 0
+        self._write_offset = 0
 
     def close(self) -> None:
         self._to_hash.put(None)
@@ -417,6 +463,29 @@ class _RingPipeline:
         self._flush_wanted.set()
         for thread in self._threads:
             thread.join()
+
+    def _write(self, view: memoryview, size: int) -> None:
+        """Write view[:size] at the write offset: the aligned blocks direct, the rest buffered."""
+        offset = self._write_offset
+        done = 0
+        if self.direct_fd is not None and offset % DIRECT_ALIGN == 0:
+            aligned = size - size % DIRECT_ALIGN
+            while done < aligned:
+                try:
+                    done += os.pwrite(self.direct_fd, view[done:aligned], offset + done)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    # Refused after all (a filesystem that accepts the flag but not the write,
+                    # or a short write left the offset unaligned): buffered from here on.
+                    logger.debug("direct write refused (%s); writing through the page cache", exc)
+                    self.direct_fd = None
+                    break
+        while done < size:
+            n = os.pwrite(self.fd, view[done:size], offset + done)
+            done += n
+            self._unflushed += n
+        self._write_offset = offset + size
 
     def _raise_error(self) -> None:
         if self.error is not None:
@@ -445,14 +514,11 @@ class _RingPipeline:
     def _write_loop(self) -> None:
         while (item := self._to_write.get()) is not None:
             index, size = item
-            view = self.views[index]
-            written = 0
-            while self.error is None and written < size:
+            if self.error is None:
                 try:
-                    written += os.write(self.fd, view[written:size])
+                    self._write(self.views[index], size)
                 except OSError as exc:
                     self.error = exc
-            self._unflushed += written
             if self._unflushed >= FLUSH_BYTES:
                 self._unflushed = 0
                 self._flush_wanted.set()
@@ -580,14 +646,14 @@ class _Download:
         planned = self.planned
         partial = planned.partial
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT, 0o644)
+        direct_fd = open_direct(partial) if self.settings.direct_io else None
         pipeline: _RingPipeline | None = None
         watcher: _SocketWatcher | None = None
         keep = True  # the partial survives every failure but wrong bytes
         try:
             hasher, offset = self._reuse_partial(fd)
             self._check_free_space(offset)
-            os.lseek(fd, offset, os.SEEK_SET)
-            pipeline = _RingPipeline(fd, offset, hasher, self._chunk_bytes())
+            pipeline = _RingPipeline(fd, offset, hasher, self._chunk_bytes(), direct_fd)
             watcher = _SocketWatcher(self.cancel)
             self._transfer_with_retries(pipeline, watcher)
             pipeline.drain()
@@ -626,6 +692,8 @@ class _Download:
             if pipeline is not None:
                 pipeline.drain(raise_error=False)
                 pipeline.close()
+            if direct_fd is not None:
+                os.close(direct_fd)
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.fsync(fd)  # a kept partial is durable, so a resume can trust it
@@ -656,7 +724,7 @@ class _Download:
         if self.bucket is not None:
             # Small reads under a rate limit, so the sleeps stay short and smooth.
             size = min(size, max(16 * 1024, int(self.bucket.burst)))
-        return size
+        return -(-size // DIRECT_ALIGN) * DIRECT_ALIGN  # whole blocks, for direct writes
 
     def _reuse_partial(self, fd: int) -> tuple[_Hasher, int]:
         """Hash the bytes already in the partial (they are reused); start over when unusable."""
@@ -937,7 +1005,7 @@ class _Download:
             if self.cancel.is_set():
                 raise _CancelledNow()
             index = pipeline.acquire(self.cancel)
-            view = pipeline.views[index]
+            view = pipeline.views[index][: pipeline.fill_limit()]
             filled = 0
             # The buffer fills by reads of at most READ_BYTES: a buffered readinto that fails
             # (a stall's timeout, a reset) loses the count of what it had read, so a fault
@@ -1019,7 +1087,7 @@ class _Download:
                 if self.cancel.is_set():
                     raise _CancelledNow()
                 index = pipeline.acquire(self.cancel)
-                n = file.readinto(pipeline.views[index])
+                n = file.readinto(pipeline.views[index][: pipeline.fill_limit()])
                 if not n:
                     pipeline.release(index)
                     break
@@ -1036,6 +1104,7 @@ def _is_disk_full(exc: OSError) -> bool:
 
 
 __all__ = [
+    "DIRECT_ALIGN",
     "ContentRange",
     "ProgressCallback",
     "TokenBucket",
@@ -1043,5 +1112,6 @@ __all__ = [
     "backoff_delay",
     "download_file",
     "file_sha256",
+    "open_direct",
     "parse_content_range",
 ]

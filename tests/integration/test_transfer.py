@@ -6,6 +6,8 @@ byte or ignores Range; the disk-full case runs under a real RLIMIT_FSIZE in a su
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -15,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -30,7 +32,12 @@ from services.common.errors import (
     Unavailable,
 )
 from services.provisioner.domain import AuthScope, Credentials, FileResult, PlannedFile
-from services.provisioner.transfer import TransferSettings, download_file
+from services.provisioner.transfer import (
+    DIRECT_ALIGN,
+    TransferSettings,
+    download_file,
+    open_direct,
+)
 from tests.fixtures.fake_cdn import Exchange, FakeCdn, FakeHttpServer
 
 pytestmark = pytest.mark.integration
@@ -574,3 +581,139 @@ def test_token_goes_only_to_the_first_origin(tmp_path: Path, cdn: FakeCdn) -> No
             fetch(planned, rec, credentials=credentials)
         text = " ".join([info.value.message, *info.value.metadata.values(), *rec.messages])
         assert token not in text and "X-Signature" not in text
+
+
+# --- direct I/O --------------------------------------------------------------------------------
+
+
+@dataclass
+class WriteSpy:
+    """Every pwrite of the transfer engine: (O_DIRECT?, offset, length)."""
+
+    writes: list[tuple[bool, int, int]] = field(default_factory=list)
+    refuse_direct: int = 0  # the next this many direct writes fail with EINVAL
+
+    def direct(self) -> list[tuple[int, int]]:
+        return [(offset, length) for direct, offset, length in self.writes if direct]
+
+    def buffered_bytes(self) -> int:
+        return sum(length for direct, _, length in self.writes if not direct)
+
+
+@pytest.fixture
+def write_spy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> WriteSpy:
+    probe = tmp_path / "probe"
+    probe.touch()
+    fd = open_direct(probe)
+    if fd is None:
+        pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT")
+    os.close(fd)
+    probe.unlink()
+    spy = WriteSpy()
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data: memoryview, offset: int) -> int:
+        direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+        if direct and spy.refuse_direct > 0:
+            spy.refuse_direct -= 1
+            raise OSError(errno.EINVAL, "Invalid argument")
+        written = real_pwrite(fd, data, offset)
+        spy.writes.append((direct, offset, written))
+        return written
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    return spy
+
+
+def assert_aligned(spy: WriteSpy) -> None:
+    for offset, length in spy.direct():
+        assert offset % DIRECT_ALIGN == 0 and length % DIRECT_ALIGN == 0, (offset, length)
+
+
+def test_direct_io_writes_whole_blocks_direct_and_the_tail_buffered(
+    tmp_path: Path, cdn: FakeCdn, write_spy: WriteSpy
+) -> None:
+    data = payload(3 * MIB + 123, seed=18)
+    planned = plan(tmp_path, cdn, data)
+    result = fetch(planned)
+    assert result.sha256 == hashlib.sha256(data).hexdigest()
+    assert planned.dest.read_bytes() == data
+    assert_aligned(write_spy)
+    assert sum(length for _, length in write_spy.direct()) == 3 * MIB
+    assert write_spy.buffered_bytes() == 123
+
+
+def test_resume_from_an_unaligned_partial_realigns_after_one_short_buffer(
+    tmp_path: Path, cdn: FakeCdn, write_spy: WriteSpy
+) -> None:
+    data = payload(3 * MIB, seed=19)
+    planned = plan(tmp_path, cdn, data)
+    planned.dest.parent.mkdir()
+    kept = MIB + 1000
+    planned.partial.write_bytes(data[:kept])
+    result = fetch(planned)
+    assert result.transferred == len(data) - kept
+    assert planned.dest.read_bytes() == data
+    assert_aligned(write_spy)
+    # One buffer of 64 KiB - 1000 bytes brings the offset to a block boundary, through the page
+    # cache; everything after it goes direct.
+    assert write_spy.writes[0] == (False, kept, FAST.buffer_bytes - 1000)
+    assert write_spy.buffered_bytes() == FAST.buffer_bytes - 1000
+
+
+def test_dropped_connection_mid_block_keeps_direct_writes_aligned(
+    tmp_path: Path, cdn: FakeCdn, write_spy: WriteSpy
+) -> None:
+    data = payload(2 * MIB, seed=20)
+    planned = plan(tmp_path, cdn, data)
+    cdn.faults.drop_after_bytes = 700_001
+    cdn.faults.drop_count = 2
+    result = fetch(planned)
+    assert result.sha256 == hashlib.sha256(data).hexdigest()
+    assert planned.dest.read_bytes() == data
+    assert_aligned(write_spy)
+    # Per drop: the unaligned end of what was received, then the short buffer that realigns.
+    assert write_spy.buffered_bytes() <= 2 * (DIRECT_ALIGN + FAST.buffer_bytes)
+    assert sum(length for _, length in write_spy.direct()) >= len(data) - 2 * (
+        DIRECT_ALIGN + FAST.buffer_bytes
+    )
+
+
+def test_direct_io_off_writes_through_the_page_cache(
+    tmp_path: Path, cdn: FakeCdn, write_spy: WriteSpy
+) -> None:
+    data = payload(MIB + 5, seed=21)
+    planned = plan(tmp_path, cdn, data)
+    fetch(planned, settings=replace(FAST, direct_io=False))
+    assert planned.dest.read_bytes() == data
+    assert write_spy.direct() == [] and write_spy.buffered_bytes() == len(data)
+
+
+def test_a_refused_direct_write_falls_back_to_buffered(
+    tmp_path: Path, cdn: FakeCdn, write_spy: WriteSpy
+) -> None:
+    data = payload(MIB, seed=22)
+    planned = plan(tmp_path, cdn, data)
+    write_spy.refuse_direct = 1
+    result = fetch(planned)
+    assert result.sha256 == hashlib.sha256(data).hexdigest()
+    assert planned.dest.read_bytes() == data
+    assert write_spy.direct() == [] and write_spy.buffered_bytes() == len(data)
+
+
+def test_no_direct_io_where_the_filesystem_refuses_it(
+    tmp_path: Path, cdn: FakeCdn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = os.open
+
+    def refusing_open(path: str | Path, flags: int, mode: int = 0o777) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    data = payload(MIB + 7, seed=23)
+    planned = plan(tmp_path, cdn, data)
+    result = fetch(planned)
+    assert result.sha256 == hashlib.sha256(data).hexdigest()
+    assert planned.dest.read_bytes() == data
