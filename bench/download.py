@@ -1,6 +1,7 @@
 """Download benchmark (issue 3): our PullModel against curl and hf_hub_download, on loopback.
 
     python -m bench.download [--size 2GiB] [--rounds 3] [--workdir DIR] [--keep]
+    python -m bench.download --files 4 [--parallel-files K]   # a sharded repo, pulled whole
 
 One file of `--size` bytes (a safetensors file: a real header describing one U8 tensor, then a
 sparse hole, so the catalog's inspection accepts it and the source costs no disk) is served by
@@ -24,6 +25,13 @@ filesystem (under the work directory):
                     rounds the catalog model (DeleteModel), the pull (DeletePull) and the repo's
                     folder in the provisioner's HF cache are removed, so every round downloads
                     every byte. The provisioner's VmRSS is sampled every 20 ms during the pull.
+
+With `--files N` the repo is a transformers-style one: N safetensors shards sharing `--size`
+(distinct headers, so distinct sha256 and blobs), config.json and the weight index. (a) is one
+`curl --parallel` fetching every file, (b) `snapshot_download` (its pool of 8 threads), (c) the
+pull of `hf:bench/download-sharded`, whose files transfer `--parallel-files` at a time
+(RBEE_PROVISIONER_PARALLEL_FILES; default the provisioner's). The issue's targets are for one
+file, so this mode prints its ratios as information.
 
 The source is read once (to hash it) before timing, so the page cache holds it for everyone;
 os.sync() runs (untimed) after every download so each starts with no dirty pages queued. Each
@@ -70,6 +78,7 @@ from tests.fixtures.fake_hub import FakeHub
 
 REPO_ID = "bench/download"
 FILENAME = "bench-weights.safetensors"
+SHARDED_REPO_ID = "bench/download-sharded"  # --files N: a transformers repo of N shards
 DEFAULT_SIZE = 2 * 2**30
 START_TIMEOUT_S = 60.0
 
@@ -85,6 +94,11 @@ LABELS = {
     HF: "(b) huggingface_hub.hf_hub_download",
     RBEE: "(c) rbee PullModel (sha256 verified)",
 }
+SHARDED_LABELS = {
+    CURL: "(a) curl -sS -L --parallel (302 -> CDN)",
+    HF: "(b) huggingface_hub.snapshot_download",
+    RBEE: "(c) rbee PullModel, whole repo (sha256)",
+}
 
 # Run in a fresh interpreter: the env (HF_HUB_DISABLE_XET, ...) is read at import.
 HF_SCRIPT = """
@@ -96,13 +110,25 @@ path = hf_hub_download(repo, filename, endpoint=endpoint, cache_dir=cache_dir, t
 print(time.perf_counter() - start)
 print(path)
 """
+# --files N: the whole repo, its files fetched by snapshot_download's thread pool (8 workers).
+HF_SNAPSHOT_SCRIPT = """
+import sys, time
+from huggingface_hub import snapshot_download
+repo, _filename, endpoint, cache_dir = sys.argv[1:5]
+start = time.perf_counter()
+path = snapshot_download(repo, endpoint=endpoint, cache_dir=cache_dir, token=False)
+print(time.perf_counter() - start)
+print(path)
+"""
 
 
 # --- the source file -------------------------------------------------------------------------
 
 
-def write_source_file(path: Path, size: int) -> Path:
-    """A safetensors file of exactly `size` bytes: one U8 tensor filling the rest, a hole."""
+def write_source_file(path: Path, size: int, tag: str = "") -> Path:
+    """A safetensors file of exactly `size` bytes: one U8 tensor filling the rest, a hole.
+    `tag` goes into the header's metadata: shards with different tags differ (and so do their
+    sha256, which the HF cache stores blobs by)."""
     header_len = 0
     while True:  # the tensor's length depends on the header's, whose digits depend on it
         data_len = size - 8 - header_len
@@ -110,7 +136,7 @@ def write_source_file(path: Path, size: int) -> Path:
             raise ValueError(f"size {size} is too small for a safetensors header")
         header = json.dumps(
             {
-                "__metadata__": {"format": "pt"},
+                "__metadata__": {"format": "pt", **({"shard": tag} if tag else {})},
                 "weight": {"dtype": "U8", "shape": [data_len], "data_offsets": [0, data_len]},
             }
         ).encode()
@@ -162,14 +188,52 @@ class Measurement:
     flush: float = 0.0  # seconds of the os.sync() right after, filled later
 
 
-@dataclass
-class Target:
-    """What every contender downloads."""
+@dataclass(frozen=True)
+class SourceFile:
+    """One file of the benchmark's repo."""
 
-    url: str  # the Hub's resolve URL (302 -> CDN)
-    endpoint: str
+    name: str
     size: int
     sha256: str
+    url: str  # the Hub's resolve URL (302 -> CDN)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What every contender downloads: one file, or (--files N) every file of a sharded repo."""
+
+    endpoint: str
+    repo: str
+    files: tuple[SourceFile, ...]
+
+    @property
+    def sharded(self) -> bool:
+        """Whether this is the many-file repo (pulled whole) rather than one file."""
+        return self.repo == SHARDED_REPO_ID
+
+    @property
+    def size(self) -> int:
+        """Bytes of every file."""
+        return sum(f.size for f in self.files)
+
+
+def write_sharded_repo(directory: Path, size: int, shards: int) -> dict[str, Path]:
+    """A transformers-style repo of `shards` safetensors files totalling about `size` bytes
+    (each a valid header over a sparse hole), with its config.json and weight index."""
+    directory.mkdir(parents=True, exist_ok=True)
+    names = [f"model-{i:05d}-of-{shards:05d}.safetensors" for i in range(1, shards + 1)]
+    files = {
+        name: write_source_file(
+            directory / name, size // shards + (size % shards if i == 0 else 0), tag=str(i)
+        )
+        for i, name in enumerate(names)
+    }
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    index = {"metadata": {}, "weight_map": {f"shard{i}.weight": n for i, n in enumerate(names)}}
+    for name, obj in (("config.json", config), ("model.safetensors.index.json", index)):
+        (directory / name).write_text(json.dumps(obj))
+        files[name] = directory / name
+    return files
 
 
 def _check_size(path: Path, size: int, who: str) -> None:
@@ -178,31 +242,44 @@ def _check_size(path: Path, size: int, who: str) -> None:
         raise RuntimeError(f"{who} wrote {actual} bytes, expected {size}")
 
 
+def _check_files(path: Path, target: Target, who: str) -> None:
+    """`path`: the one file, or the snapshot folder holding every file of the sharded repo."""
+    if not target.sharded:
+        _check_size(path, target.files[0].size, who)
+        return
+    for file in target.files:
+        _check_size(path / file.name, file.size, who)
+
+
 def _download_timeout(size: int) -> float:
     return 120.0 + size / 10e6  # 10 MB/s at the very least, on any machine
 
 
 def run_curl(target: Target, workdir: Path) -> Measurement:
-    """(a) curl to a file on the same filesystem, timed around the process."""
-    dest = workdir / "curl" / FILENAME
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    """(a) curl to files on the same filesystem, timed around the process (several files:
+    one curl with --parallel, every file at once)."""
+    folder = workdir / "curl"
+    folder.mkdir(parents=True, exist_ok=True)
+    command = ["curl", "-sS", "-L"]
+    if len(target.files) > 1:
+        command += ["--parallel", "--parallel-max", str(len(target.files))]
+    for file in target.files:
+        command += ["-o", str(folder / file.name), file.url]
     children = _children_cpu()
     start = time.perf_counter()
-    subprocess.run(
-        ["curl", "-sS", "-L", "-o", str(dest), target.url],
-        check=True,
-        timeout=_download_timeout(target.size),
-    )
+    subprocess.run(command, check=True, timeout=_download_timeout(target.size))
     seconds = time.perf_counter() - start
     cpu = _children_cpu() - children
-    _check_size(dest, target.size, "curl")
+    for file in target.files:
+        _check_size(folder / file.name, file.size, "curl")
     flush = _flush()
-    shutil.rmtree(dest.parent)
+    shutil.rmtree(folder)
     return Measurement(seconds, cpu, flush=flush)
 
 
 def run_hf_hub_download(target: Target, workdir: Path) -> Measurement:
-    """(b) hf_hub_download in a fresh interpreter with a fresh cache, the call timed inside."""
+    """(b) hf_hub_download (several files: snapshot_download) in a fresh interpreter with a
+    fresh cache, the call timed inside."""
     cache = workdir / "hf-cache"
     home = workdir / "hf-home"
     env = {
@@ -217,8 +294,9 @@ def run_hf_hub_download(target: Target, workdir: Path) -> Measurement:
         HF_HOME=str(home),
     )
     children = _children_cpu()
+    script = HF_SNAPSHOT_SCRIPT if target.sharded else HF_SCRIPT
     done = subprocess.run(
-        [sys.executable, "-c", HF_SCRIPT, REPO_ID, FILENAME, target.endpoint, str(cache)],
+        [sys.executable, "-c", script, target.repo, FILENAME, target.endpoint, str(cache)],
         env=env,
         check=False,
         capture_output=True,
@@ -230,7 +308,7 @@ def run_hf_hub_download(target: Target, workdir: Path) -> Measurement:
         raise RuntimeError(f"hf_hub_download failed (exit {done.returncode}):\n{tail}")
     cpu = _children_cpu() - children  # the interpreter's start and import included
     seconds_line, path_line = done.stdout.strip().splitlines()[-2:]
-    _check_size(Path(path_line), target.size, "hf_hub_download")
+    _check_files(Path(path_line), target, "hf_hub_download")
     flush = _flush()
     shutil.rmtree(cache)
     shutil.rmtree(home, ignore_errors=True)
@@ -264,7 +342,7 @@ class RbeeServices:
 
 @contextlib.contextmanager
 def rbee_services(
-    workdir: Path, hub_endpoint: str, sample_interval: float
+    workdir: Path, hub_endpoint: str, sample_interval: float, parallel_files: int | None = None
 ) -> Iterator[RbeeServices]:
     """The real `rbee-catalog` and `rbee-provisioner` console scripts, gated on SERVING."""
     bin_dir = Path(sys.executable).parent
@@ -283,6 +361,8 @@ def rbee_services(
         "HF_ENDPOINT": hub_endpoint,
         "HF_HUB_CACHE": str(hf_cache),
     }
+    if parallel_files is not None:
+        env["RBEE_PROVISIONER_PARALLEL_FILES"] = str(parallel_files)
     processes: list[subprocess.Popen[bytes]] = []
     try:
         for script, address in (
@@ -306,7 +386,7 @@ def rbee_services(
 
 def run_rbee_pull(services: RbeeServices, target: Target) -> Measurement:
     """(c) PullModel to the final Model, VmRSS sampled; then the model, pull and files removed."""
-    source = f"hf:{REPO_ID}:{FILENAME}"
+    source = f"hf:{target.repo}" if target.sharded else f"hf:{target.repo}:{FILENAME}"
     model: Model | None = None
     pull_name = ""
     phases: dict[str, float] = {}
@@ -325,16 +405,18 @@ def run_rbee_pull(services: RbeeServices, target: Target) -> Measurement:
             cpu = cpu_seconds(pid) - cpu_before
         if model is None:
             raise RuntimeError("PullModel ended without a model")
-        if model.sha256 != target.sha256:
-            raise RuntimeError(f"PullModel registered sha256 {model.sha256}, not {target.sha256}")
-        _check_size(Path(model.paths[0]), target.size, "rbee PullModel")
+        # Every file was checked against the Hub's sha256 by the pull; one file's is recorded.
+        expected = None if target.sharded else target.files[0].sha256
+        if model.sha256 != expected:
+            raise RuntimeError(f"PullModel registered sha256 {model.sha256!r}, not {expected!r}")
+        _check_files(Path(model.paths[0]), target, "rbee PullModel")
         flush = _flush()
         # Undo the pull so the next round downloads every byte again.
         with CatalogClient(services.catalog_address) as catalog:
             catalog.delete_model(model.name)
         if pull_name:
             client.delete_pull(pull_name)
-    shutil.rmtree(services.hf_cache / ("models--" + REPO_ID.replace("/", "--")))
+    shutil.rmtree(services.hf_cache / ("models--" + target.repo.replace("/", "--")))
     return Measurement(seconds, cpu, rss.growth, rss.before, rss.samples, phases, flush=flush)
 
 
@@ -377,6 +459,8 @@ class BenchConfig:
     workdir: Path | None = None
     keep: bool = False
     sample_interval: float = 0.02
+    files: int = 1  # > 1: a sharded repo of this many weight files (plus config and index)
+    parallel_files: int | None = None  # the provisioner's setting; None: its default
     progress: Callable[[str], None] = field(default=lambda _message: None)
 
 
@@ -388,6 +472,7 @@ class BenchResult:
     facts: list[tuple[str, str]]
     size: int
     workdir: Path
+    sharded: bool = False
 
 
 def run_benchmark(config: BenchConfig) -> BenchResult:
@@ -415,27 +500,42 @@ def _curl_version() -> str | None:
 def _run(config: BenchConfig, workdir: Path) -> BenchResult:
     say = config.progress
     (workdir / "source").mkdir()
-    source = write_source_file(workdir / "source" / FILENAME, config.size)
+    if config.files > 1:
+        repo = SHARDED_REPO_ID
+        sources = write_sharded_repo(workdir / "source", config.size, config.files)
+    else:
+        repo = REPO_ID
+        sources = {FILENAME: write_source_file(workdir / "source" / FILENAME, config.size)}
     load_start = os.getloadavg()[0]
     say(f"hashing the {config.size / 2**20:.0f} MiB source")
-    digest = sha256_file(source)
+    digests = {name: sha256_file(path) for name, path in sources.items()}
     sha256_rate = sha256_megabytes_per_second()
-    rows = {key: ContenderStats(key, label) for key, label in LABELS.items()}
+    labels = SHARDED_LABELS if config.files > 1 else LABELS
+    rows = {key: ContenderStats(key, label) for key, label in labels.items()}
     curl_version, hf_version = _curl_version(), _hf_hub_version()
     if curl_version is None:
         rows[CURL].unavailable = "n/a (curl not found)"
     if hf_version is None:
         rows[HF].unavailable = "n/a (huggingface_hub not installed)"
     with FakeHub() as hub:
-        hub.add_repo(REPO_ID, {FILENAME: source}, sha256={FILENAME: digest})
+        hub.add_repo(repo, sources, sha256=digests)
         target = Target(
-            url=f"{hub.endpoint}/{REPO_ID}/resolve/main/{FILENAME}",
             endpoint=hub.endpoint,
-            size=config.size,
-            sha256=digest,
+            repo=repo,
+            files=tuple(
+                SourceFile(
+                    name,
+                    path.stat().st_size,
+                    digests[name],
+                    f"{hub.endpoint}/{repo}/resolve/main/{name}",
+                )
+                for name, path in sources.items()
+            ),
         )
         say("starting rbee-catalog and rbee-provisioner")
-        with rbee_services(workdir, hub.endpoint, config.sample_interval) as services:
+        with rbee_services(
+            workdir, hub.endpoint, config.sample_interval, config.parallel_files
+        ) as services:
             rss_start = resident_bytes(services.provisioner.pid)
             runners: dict[str, Callable[[], Measurement]] = {
                 CURL: lambda: run_curl(target, workdir),
@@ -452,21 +552,36 @@ def _run(config: BenchConfig, workdir: Path) -> BenchResult:
                     measurement.server_cpu = _own_cpu() - server_cpu
                     rows[key].runs.append(measurement)
                     say(
-                        f"round {round_index + 1}/{config.rounds}: {LABELS[key]}: "
+                        f"round {round_index + 1}/{config.rounds}: {labels[key]}: "
                         f"{measurement.seconds:.2f} s"
                     )
             rss_end = resident_bytes(services.provisioner.pid)
+    first = target.files[0]
+    if target.sharded:
+        what = (
+            f"{repo}: {config.files} safetensors shards of about "
+            f"{config.size / config.files / 2**20:,.0f} MiB, config.json and the weight "
+            f"index ({len(target.files)} files, {target.size:,} bytes); rbee pulls "
+            f"hf:{repo} with RBEE_PROVISIONER_PARALLEL_FILES="
+            f"{config.parallel_files or 'default (4)'}, curl fetches every file with "
+            f"--parallel, (b) is snapshot_download (8 threads)"
+        )
+    else:
+        what = (
+            f"{first.name}, {first.size:,} bytes ({first.size / 2**30:.2f} GiB), "
+            f"sha256 {first.sha256[:16]}..."
+        )
     facts = [
-        ("file", f"{FILENAME}, {config.size:,} bytes ({config.size / 2**30:.2f} GiB), "
-                 f"sha256 {digest[:16]}..., served from loopback by the fake Hub in this "
-                 "process (302 -> fake CDN, os.sendfile from the page cache)"),
+        ("file", f"{what}; served from loopback by the fake Hub in this process (302 -> fake "
+                 "CDN, os.sendfile from the page cache)"),
         ("rounds", f"{config.rounds}, contender order rotated each round; medians reported"),
         ("versions", f"{curl_version or 'curl n/a'}; huggingface_hub {hf_version or 'n/a'}; "
                      f"Python {platform.python_version()}"),
         ("disk", f"every download written under {workdir} ({_filesystem(workdir)})"),
         ("sha256", f"hashlib sha256 on one core, in memory: {sha256_rate:,.0f} MB/s (the "
                    f"ceiling of a download that verifies as it goes: "
-                   f"{config.size / 1e6 / sha256_rate:.2f} s for this file); SHA extensions "
+                   f"{target.size / 1e6 / sha256_rate:.2f} s for these bytes in one stream); SHA "
+                   "extensions "
                    f"{'present' if _cpu_has_sha() else 'absent'} (/proc/cpuinfo sha_ni)"),
         ("load", f"1-minute load average {load_start:.2f} before, {os.getloadavg()[0]:.2f} "
                  f"after, on {os.cpu_count()} CPUs (other work on a shared machine skews "
@@ -474,7 +589,7 @@ def _run(config: BenchConfig, workdir: Path) -> BenchResult:
         ("rss", f"provisioner VmRSS {rss_start / 1e6:.0f} MB after start, "
                 f"{rss_end / 1e6:.0f} MB after the last round"),
     ]  # fmt: skip
-    return BenchResult(rows, facts, config.size, workdir)
+    return BenchResult(rows, facts, target.size, workdir, sharded=target.sharded)
 
 
 def _cpu_has_sha() -> bool:
@@ -595,6 +710,13 @@ def render_targets(result: BenchResult) -> list[str]:
     curl, hf, rbee = result.rows[CURL], result.rows[HF], result.rows[RBEE]
     if not rbee.measured:
         return [f"targets: not measured ({rbee.unavailable or 'no rbee round'})"]
+    if result.sharded:  # the issue's targets are for one file: here the ratios are facts
+        return [
+            f"(info) (c) vs {name}: {other.median_seconds() / rbee.median_seconds():.2f}x "
+            "throughput"
+            for other, name in ((curl, "curl --parallel"), (hf, "snapshot_download"))
+            if other.measured
+        ]
     lines = []
     for other, goal, name in (
         (curl, TARGET_VS_CURL, "curl"),
@@ -647,6 +769,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--size", type=parse_size, default=DEFAULT_SIZE, help="file size (default 2GiB)"
     )
     parser.add_argument("--rounds", type=int, default=3, help="rounds (each runs every contender)")
+    parser.add_argument(
+        "--files",
+        type=int,
+        default=1,
+        help="split --size over this many weight files of one repo, pulled whole (default 1)",
+    )
+    parser.add_argument(
+        "--parallel-files",
+        type=int,
+        default=None,
+        help="the provisioner's RBEE_PROVISIONER_PARALLEL_FILES (default: its own default)",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="where downloads are written")
     parser.add_argument("--keep", action="store_true", help="keep the work directory and logs")
     return parser.parse_args(argv)
@@ -662,6 +796,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rounds=max(1, args.rounds),
         workdir=args.workdir,
         keep=args.keep,
+        files=max(1, args.files),
+        parallel_files=args.parallel_files,
         progress=progress,
     )
     result = run_benchmark(config)

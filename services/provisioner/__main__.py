@@ -59,6 +59,7 @@ def build_service(
         credentials=settings.credentials(),
         transfer_settings=settings.transfer_settings,
         max_concurrent=settings.max_concurrent_pulls,
+        parallel_files=settings.parallel_files,
         resume_on_start=settings.resume_on_start,
         metrics=ProvisionerMetrics(registry),
     )

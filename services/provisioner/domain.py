@@ -20,6 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, SecretStr
 
 from services.catalog.domain import ModelFormat, ModelSource, SourceKind
+from services.catalog.ids import model_id_for_source
 
 # --- source strings, parsed -------------------------------------------------------------------
 
@@ -136,6 +137,12 @@ class Resolution:
     @property
     def total_bytes(self) -> int:
         return sum(p.size or 0 for p in self.planned)
+
+    def model_id(self, requested: str = "") -> str:
+        """The catalog id a pull of this resolution creates: `requested` when given, else the
+        readable hint made unique by the source's hash (so ResolveSource predicts what
+        PullModel creates, and a repo of many files is not named after its first file)."""
+        return requested or model_id_for_source(self.source, self.model_id_hint)
 
     @property
     def kind(self) -> SourceKind:

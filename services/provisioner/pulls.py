@@ -37,7 +37,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,7 @@ from services.provisioner.domain import (
     FileResult,
     HfSpec,
     LocalSpec,
+    PlannedFile,
     PullError,
     PullEvent,
     PullFileRecord,
@@ -93,13 +94,17 @@ from services.provisioner.metrics import ProvisionerMetrics
 from services.provisioner.pull_store import PullStore
 from services.provisioner.sources import SourceContext, parse_source, resolve
 from services.provisioner.sources.huggingface import resolve_config_files
-from services.provisioner.transfer import TransferSettings, download_file
+from services.provisioner.transfer import TokenBucket, TransferSettings, download_file
 from services.worker.engines.image_base import (
     SINGLE_FILE_CONFIG_PATTERNS,
     SINGLE_FILE_CONFIG_REPOS,
 )
 
 logger = logging.getLogger(__name__)
+
+# Smallest ring buffer of a file that transfers beside others (its sha256 and writes stay in
+# large calls).
+MIN_PARALLEL_BUFFER = 1024 * 1024
 
 PROGRESS_INTERVAL = 0.25  # seconds between progress events (state changes are sent at once)
 PERSIST_INTERVAL = 2.0  # seconds between record writes while bytes flow
@@ -209,6 +214,7 @@ class PullManager:
         credentials: Credentials,
         transfer_settings: Callable[[int], TransferSettings],
         max_concurrent: int = 2,
+        parallel_files: int = 4,
         resume_on_start: bool = True,
         metrics: ProvisionerMetrics | None = None,
         resolver: Resolver = resolve,
@@ -220,6 +226,7 @@ class PullManager:
         self._credentials = credentials
         self._transfer_settings = transfer_settings
         self._slots = asyncio.Semaphore(max_concurrent)
+        self._parallel_files = max(1, parallel_files)
         self._resume_on_start = resume_on_start
         self._metrics = metrics
         self._resolve = resolver
@@ -656,7 +663,7 @@ class PullManager:
             await self._set_state(job, PullState.REGISTERING)
             try:
                 model = await self._catalog.create_model(
-                    model_id=options.model_id,
+                    model_id=resolution.model_id(options.model_id),
                     source=resolution.source,
                     paths=resolution.model_paths,
                     state=ModelState.READY,
@@ -672,7 +679,7 @@ class PullManager:
             return model, False
         try:
             model = await self._catalog.create_model(
-                model_id=options.model_id,
+                model_id=resolution.model_id(options.model_id),
                 source=resolution.source,
                 paths=resolution.model_paths,
                 state=ModelState.DOWNLOADING,
@@ -705,39 +712,85 @@ class PullManager:
         return None, was_ready
 
     async def _download_all(self, job: _Job, resolution: Resolution) -> list[FileResult]:
+        """Every planned file, up to `parallel_files` at once (each its own connection, sha256
+        and disk writes: a many-file model is not bound by one stream's hash or one
+        connection's rate), under one bandwidth limit for the pull. The first file that fails
+        stops the others (their partials are kept) and is the pull's error. Results come in
+        the planned order."""
         record = job.record
-        loop = asyncio.get_running_loop()
         settings = self._transfer_settings(record.options.bandwidth_limit)
-        kind = _kind_label(job.spec)
-        results: list[FileResult] = []
-        for index, planned in enumerate(resolution.planned, start=1):
-            self._check_cancel(job)
-            entry = record.files[index - 1]
-            job.file_index = index
-            if not planned.cached:
-                entry.state = PullFileState.DOWNLOADING
-            await self._set_state(job, PullState.DOWNLOADING)
-            result = await asyncio.to_thread(
-                self._download,
-                planned,
-                credentials=self._credentials,
-                settings=settings,
-                cancel=job.cancel,
-                on_progress=lambda done, total, reused, e=entry: loop.call_soon_threadsafe(
-                    self._on_progress, job, e, done, total, reused
-                ),
-                on_message=lambda text: loop.call_soon_threadsafe(self._on_message, job, text),
-            )
-            entry.state = PullFileState.CACHED if planned.cached else PullFileState.DONE
-            entry.done = result.size
-            entry.total = result.size
-            entry.sha256 = result.sha256
-            if self._metrics is not None and result.transferred:
-                self._metrics.bytes_downloaded.labels(kind).inc(result.transferred)
-            results.append(result)
-            await self._persist(job)
+        bucket = TokenBucket.for_limit(settings.bandwidth_limit)
+        await asyncio.to_thread(_check_free_space, resolution)
+        at_once = max(1, min(self._parallel_files, len(resolution.planned)))
+        gate = asyncio.Semaphore(at_once)
+        # The files at once share one file's buffer memory: a pull's footprint stays flat.
+        settings = replace(
+            settings, buffer_bytes=max(MIN_PARALLEL_BUFFER, settings.buffer_bytes // at_once)
+        )
+
+        async def one(index: int, planned: PlannedFile) -> FileResult:
+            async with gate:
+                self._check_cancel(job)
+                return await self._download_one(job, index, planned, settings, bucket)
+
+        tasks = [
+            asyncio.create_task(one(index, planned), name=f"{record.name} file {index}")
+            for index, planned in enumerate(resolution.planned, start=1)
+        ]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            if not all(task.done() for task in tasks):
+                # A file failed, or this pull is being cancelled: stop the rest, within the
+                # transfer's cancel poll, and wait for their threads to let go of the files.
+                job.cancel.set()
+                await asyncio.wait(tasks)
+            failed = [
+                error
+                for task in tasks
+                if not task.cancelled() and (error := task.exception()) is not None
+            ]
         job.file_index = 0
-        return results
+        if failed:
+            # The root cause, not the Cancelled its siblings ended with.
+            first = next((e for e in failed if not isinstance(e, Cancelled)), failed[0])
+            raise first
+        return [task.result() for task in tasks]
+
+    async def _download_one(
+        self,
+        job: _Job,
+        index: int,
+        planned: PlannedFile,
+        settings: TransferSettings,
+        bucket: TokenBucket | None,
+    ) -> FileResult:
+        loop = asyncio.get_running_loop()
+        entry = job.record.files[index - 1]
+        job.file_index = index
+        if not planned.cached:
+            entry.state = PullFileState.DOWNLOADING
+        await self._set_state(job, PullState.DOWNLOADING)
+        result = await asyncio.to_thread(
+            self._download,
+            planned,
+            credentials=self._credentials,
+            settings=settings,
+            cancel=job.cancel,
+            on_progress=lambda done, total, reused: loop.call_soon_threadsafe(
+                self._on_progress, job, index, done, total, reused
+            ),
+            on_message=lambda text: loop.call_soon_threadsafe(self._on_message, job, text),
+            bucket=bucket,
+        )
+        entry.state = PullFileState.CACHED if planned.cached else PullFileState.DONE
+        entry.done = result.size
+        entry.total = result.size
+        entry.sha256 = result.sha256
+        if self._metrics is not None and result.transferred:
+            self._metrics.bytes_downloaded.labels(_kind_label(job.spec)).inc(result.transferred)
+        await self._persist(job)
+        return result
 
     async def _record_config_folder(self, job: _Job, resolution: Resolution, model: Model) -> Model:
         """For a model that needed no download (already READY, or registered in place): fetch
@@ -824,8 +877,10 @@ class PullManager:
         return folder if await asyncio.to_thread(_has_model_index, folder) else None
 
     def _on_progress(
-        self, job: _Job, entry: PullFileRecord, done: int, total: int | None, reused: int
+        self, job: _Job, index: int, done: int, total: int | None, reused: int
     ) -> None:
+        entry = job.record.files[index - 1]
+        job.file_index = index  # with files in parallel: the one that moved last
         entry.done = done
         if total is not None:
             entry.total = total
@@ -944,7 +999,7 @@ class PullManager:
             ),
         )
         model = await self._catalog.create_model(
-            model_id=options.model_id,
+            model_id=resolution.model_id(options.model_id),
             source=resolution.source,
             paths=resolution.model_paths,
             state=ModelState.READY if not resolution.planned else ModelState.DOWNLOADING,
@@ -961,8 +1016,11 @@ def _has_model_index(folder: str) -> bool:
 
 
 def _check_free_space(resolution: Resolution) -> None:
-    needed = sum((p.size or 0) for p in resolution.planned if not p.cached)
-    if not needed:
+    """Room for every byte the pull has still to write (files at once: their sum)."""
+    needed = sum(
+        max(0, (p.size or 0) - _partial_bytes(p)) for p in resolution.planned if not p.cached
+    )
+    if needed <= 0:
         return
     directory = resolution.planned[0].dest.parent
     probe = directory
@@ -974,6 +1032,13 @@ def _check_free_space(resolution: Resolution) -> None:
             f"not enough free space in {probe}: the pull needs {needed} bytes, {free} are free",
             reason="DISK_FULL",
         )
+
+
+def _partial_bytes(planned: PlannedFile) -> int:
+    try:
+        return planned.partial.stat().st_size
+    except OSError:
+        return 0
 
 
 def _discard_partials(record: PullRecord) -> None:

@@ -20,7 +20,6 @@ from services.catalog.domain import (
     ModelMetadata,
     ModelState,
 )
-from services.catalog.ids import model_id_for_source
 from services.catalog.link import CatalogLink
 from services.catalog.pagination import (
     PageTokenCodec,
@@ -104,7 +103,7 @@ class ProvisionerService:
         return await self._describe(resolution, options)
 
     async def _describe(self, resolution: Resolution, options: PullOptions) -> ResolvedSource:
-        model_id = options.model_id or model_id_for_source(resolution.source)
+        model_id = resolution.model_id(options.model_id)
         existing = ""
         try:
             await self._catalog.create_model(

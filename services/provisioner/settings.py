@@ -103,6 +103,16 @@ class ProvisionerSettings(ServiceSettings):
     max_concurrent_pulls: int = Field(
         default=2, ge=1, le=64, description="Pulls that transfer at once; the others wait QUEUED."
     )
+    parallel_files: int = Field(
+        default=4,
+        ge=1,
+        le=16,
+        description=(
+            "Files of one pull that transfer at once (sharded weights, split GGUF, diffusers "
+            "components), each with its own connection and sha256; together they use one "
+            "file's buffer memory."
+        ),
+    )
     resume_on_start: bool = Field(
         default=True,
         description="Restart pulls that a previous run left unfinished (else they stay PAUSED).",

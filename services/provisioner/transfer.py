@@ -157,7 +157,8 @@ class TokenBucket:
     """A byte-rate limiter: `reserve(n)` takes n tokens and says how long to sleep for them.
 
     Tokens refill at `rate` per second up to `burst`. The balance may go negative: the caller
-    sleeps the debt off (on the cancel event) before reading more.
+    sleeps the debt off (on the cancel event) before reading more. Thread-safe: the files of
+    one pull that transfer at once share one bucket, so the pull's limit holds for their sum.
     """
 
     def __init__(
@@ -170,14 +171,21 @@ class TokenBucket:
         self._clock = clock
         self._tokens = float(burst)
         self._last = clock()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_limit(cls, limit: int) -> TokenBucket | None:
+        """The bucket for a bytes-per-second limit (a tenth of a second's burst); None for 0."""
+        return cls(limit, max(64 * 1024, limit / 10)) if limit > 0 else None
 
     def reserve(self, amount: int) -> float:
         """Take `amount` tokens; return the seconds to wait before using them (0 when due)."""
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-        self._last = now
-        self._tokens -= amount
-        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self._tokens -= amount
+            return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
 
 # --- public entry points ----------------------------------------------------------------------
@@ -198,8 +206,12 @@ def download_file(
     cancel: threading.Event,
     on_progress: ProgressCallback,
     on_message: Callable[[str], None] = lambda _message: None,
+    bucket: TokenBucket | None = None,
 ) -> FileResult:
     """Fetch one planned file (http(s):// or file://), verified, to `planned.dest`; blocking.
+
+    `bucket`: a rate limiter shared with other downloads (the files of one pull); without one,
+    `settings.bandwidth_limit` limits this file alone.
 
     Resumes from `planned.partial`, checks size and sha256, renames atomically, then points
     `planned.link` (when set) at the file with a relative symlink. Errors: DataLoss
@@ -224,6 +236,9 @@ def download_file(
             cancel=cancel,
             on_progress=on_progress,
             on_message=on_message,
+            bucket=bucket
+            if bucket is not None
+            else TokenBucket.for_limit(settings.bandwidth_limit),
         ).run()
 
 
@@ -619,6 +634,7 @@ class _Download:
         cancel: threading.Event,
         on_progress: ProgressCallback,
         on_message: Callable[[str], None],
+        bucket: TokenBucket | None,
     ) -> None:
         self.planned = planned
         self.settings = settings
@@ -628,11 +644,7 @@ class _Download:
         self.progress = _Progress(on_progress, planned.size)
         self.transferred = 0
         self.total: int | None = planned.size  # the file's size once known
-        self.bucket = (
-            TokenBucket(settings.bandwidth_limit, max(64 * 1024, settings.bandwidth_limit / 10))
-            if settings.bandwidth_limit > 0
-            else None
-        )
+        self.bucket = bucket
         scheme = urlsplit(planned.url).scheme.lower()
         if scheme not in ("http", "https", "file"):
             raise InvalidArgument(
@@ -698,7 +710,7 @@ class _Download:
                 with contextlib.suppress(OSError):
                     os.fsync(fd)  # a kept partial is durable, so a resume can trust it
                 os.close(fd)
-            if not keep:
+            if not keep or _is_empty(partial):  # wrong bytes, or none to resume from
                 with contextlib.suppress(FileNotFoundError):
                     partial.unlink()
 
@@ -1097,6 +1109,13 @@ class _Download:
 def _short_reason(message: str) -> str:
     """The cause part of an http.open_url error ("cannot reach URL: connection refused")."""
     return message.rsplit(": ", 1)[-1] if ": " in message else message
+
+
+def _is_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return False
 
 
 def _is_disk_full(exc: OSError) -> bool:

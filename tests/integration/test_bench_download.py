@@ -14,10 +14,12 @@ from bench.download import (
     HF,
     LABELS,
     RBEE,
+    SHARDED_LABELS,
     BenchConfig,
     parse_size,
     render_table,
     run_benchmark,
+    write_sharded_repo,
     write_source_file,
 )
 
@@ -50,6 +52,33 @@ def test_benchmark_measures_and_prints_every_contender(tmp_path: Path) -> None:
     # The work directory (source, downloads, both services' homes) is removed unless --keep.
     assert not result.workdir.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (contender (a))")
+def test_sharded_mode_pulls_every_file_of_the_repo(tmp_path: Path) -> None:
+    config = BenchConfig(size=SIZE, rounds=1, workdir=tmp_path, files=3, parallel_files=2)
+    result = run_benchmark(config)
+    assert result.sharded
+    assert SIZE < result.size < SIZE + 4096  # the weights, plus config.json and the index
+    for row in result.rows.values():
+        assert row.measured, row
+    text = render_table(result, "python -m bench.download --files 3")
+    for label in SHARDED_LABELS.values():
+        assert label in text
+    assert "RBEE_PROVISIONER_PARALLEL_FILES=2" in text
+    assert [line for line in text.splitlines() if line.startswith("target ")] == []
+    assert len([line for line in text.splitlines() if line.startswith("(info) (c) vs")]) == 2
+
+
+def test_sharded_repo_shards_differ_and_add_up(tmp_path: Path) -> None:
+    files = write_sharded_repo(tmp_path, 10_000_003, 3)
+    shards = sorted(name for name in files if name.endswith(".safetensors"))
+    assert shards == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert sum(files[name].stat().st_size for name in shards) == 10_000_003
+    # Distinct bytes: the HF cache stores blobs by sha256, so equal shards would be one blob.
+    assert len({files[name].read_bytes()[:4096] for name in shards}) == 3
+    index = json.loads(files["model.safetensors.index.json"].read_text())
+    assert sorted(set(index["weight_map"].values())) == shards
 
 
 def test_source_file_is_a_valid_safetensors_of_the_exact_size(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ what was pulled is real too.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import threading
 import time
 import urllib.request
@@ -18,9 +19,10 @@ import pytest
 
 from rbee.catalog.v1 import catalog_pb2 as cpb
 from rbee.provisioner.v1 import provisioner_pb2 as pb
+from tests.fixtures.fake_cdn import RequestRecord
 from tests.fixtures.fake_civitai import CivitaiFile, FakeCivitai
 from tests.fixtures.fake_hub import FakeHub
-from tests.fixtures.gguf_models import write_tiny_llama_gguf
+from tests.fixtures.gguf_models import write_split_gguf, write_tiny_llama_gguf
 from tests.integration.provisioner_harness import Mesh, running_mesh
 from tests.integration.server_harness import error_reason
 
@@ -450,3 +452,90 @@ def test_tokens_never_leak(
     for token in (HF_TOKEN, CIVITAI_TOKEN):
         assert token not in everything
         assert token.encode() not in stored
+
+
+# --- the files of one pull, at once ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def split_parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """A split GGUF in three parts of about 0.5 MB, by file name."""
+    paths = write_split_gguf(tmp_path_factory.mktemp("split"), "big-Q4_K_M", 3)
+    return {path.name: path.read_bytes() for path in paths}
+
+
+def blob_requests(hub: FakeHub) -> list[RequestRecord]:
+    return [r for r in hub.cdn.requests if r.blob is not None and r.method == "GET"]
+
+
+def test_the_files_of_a_pull_transfer_at_once(
+    mesh: Mesh, hub: FakeHub, split_parts: dict[str, bytes]
+) -> None:
+    hub.add_repo("org/split-GGUF", split_parts)
+    resolved = mesh.provisioner.ResolveSource(
+        pb.ResolveSourceRequest(source="hf:org/split-GGUF"), timeout=20
+    )
+    # Every part pauses 0.3 s after its first 100 kB: one at a time, no two transfers could
+    # overlap; at once, all three are in flight before any ends.
+    hub.cdn.faults.stall_after_bytes = 100_000
+    hub.cdn.faults.stall_seconds = 0.3
+    hub.cdn.faults.stall_count = 3
+    events, model = collect(pull(mesh, "hf:org/split-GGUF"))
+    assert model.state == cpb.MODEL_STATE_READY
+    snapshot = Path(model.paths[0]).parent  # the first part names the model
+    assert {name: (snapshot / name).read_bytes() for name in split_parts} == split_parts
+    requests = blob_requests(hub)
+    assert len(requests) == 3
+    ends = [r.ended for r in requests]
+    assert all(end is not None for end in ends)
+    assert max(r.started for r in requests) < min(end for end in ends if end is not None)
+    downloading = [e for e in events if e.state == pb.PULL_STATE_DOWNLOADING and e.file_index]
+    assert {e.file_count for e in downloading} == {3}
+    assert len({e.file_index for e in downloading}) >= 2  # events name the file that moved
+    pulled = mesh.provisioner.ListPulls(pb.ListPullsRequest(), timeout=10).pulls[0]
+    assert [f.sha256 for f in pulled.files] == [sha(data) for data in split_parts.values()]
+    # Named after the repo and its quantization, as ResolveSource said beforehand.
+    assert model.name == f"models/{resolved.model_id}"
+    assert resolved.model_id.startswith("split-q4-k-m-"), resolved.model_id
+
+
+def test_parallel_files_one_transfers_one_file_after_the_other(
+    tmp_path: Path, hub: FakeHub, civitai: FakeCivitai, split_parts: dict[str, bytes]
+) -> None:
+    hub.add_repo("org/split-GGUF", split_parts)
+    with running_mesh(
+        tmp_path / "home",
+        hf_endpoint=hub.endpoint,
+        civitai_endpoint=civitai.endpoint,
+        parallel_files=1,
+    ) as serial:
+        _, model = collect(pull(serial, "hf:org/split-GGUF"))
+    assert model.state == cpb.MODEL_STATE_READY
+    requests = blob_requests(hub)
+    assert len(requests) == 3
+    for before, after in itertools.pairwise(requests):
+        assert before.ended is not None and before.ended <= after.started
+
+
+def test_a_failed_file_stops_the_others_and_keeps_their_bytes(
+    mesh: Mesh, hub: FakeHub, split_parts: dict[str, bytes]
+) -> None:
+    hub.add_repo("org/split-GGUF", split_parts)
+    names = list(split_parts)
+    hub.cdn.remove_blob(sha(split_parts[names[1]]))  # the CDN lost the second part
+    hub.cdn.faults.stall_after_bytes = 100_000  # the others hang after 100 kB ...
+    hub.cdn.faults.stall_seconds = 30.0  # ... longer than this test may take
+    hub.cdn.faults.stall_count = 2
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        collect(pull(mesh, "hf:org/split-GGUF"))
+    assert time.monotonic() - started < 15, "the stalled parts were not stopped"
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert names[1] in (info.value.details() or "")
+    pulled = mesh.provisioner.ListPulls(pb.ListPullsRequest(), timeout=10).pulls[0]
+    assert pulled.state == pb.PULL_STATE_FAILED
+    # The stalled parts keep what they received, for a later resume.
+    partials = sorted(mesh.hf_cache.rglob("*.partial"))
+    assert [p.stat().st_size for p in partials] == [100_000, 100_000]
+    models = mesh.catalog.ListModels(cpb.ListModelsRequest(), timeout=10).models
+    assert [m.state for m in models] == [cpb.MODEL_STATE_FAILED]
