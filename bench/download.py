@@ -262,7 +262,8 @@ def run_curl(target: Target, workdir: Path) -> Measurement:
     folder.mkdir(parents=True, exist_ok=True)
     command = ["curl", "-sS", "-L"]
     if len(target.files) > 1:
-        command += ["--parallel", "--parallel-max", str(len(target.files))]
+        # --parallel draws its own meter even under -s.
+        command += ["--parallel", "--parallel-max", str(len(target.files)), "--no-progress-meter"]
     for file in target.files:
         command += ["-o", str(folder / file.name), file.url]
     children = _children_cpu()
