@@ -25,7 +25,12 @@ from rbee.catalog.v1 import catalog_pb2 as cpb
 from rbee.catalog.v1 import catalog_pb2_grpc
 from tests.e2e.processes import BIN, free_port, run_rbee, wait_healthy
 from tests.fixtures.fake_hub import FakeHub
-from tests.fixtures.gguf_models import LLAMA3_8B, write_header_only_gguf, write_tiny_llama_gguf
+from tests.fixtures.gguf_models import (
+    LLAMA3_8B,
+    write_header_only_gguf,
+    write_split_gguf,
+    write_tiny_llama_gguf,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -218,6 +223,57 @@ def test_kill_9_at_random_points_then_resume(
     # Bytes on disk were reused: ranged requests, and far less than six full transfers.
     assert any(r.range for r in hub.cdn.requests)
     assert hub.cdn.body_bytes_sent() < 2.5 * data_size
+    assert not list(cache.rglob("*.partial"))
+
+
+def test_kill_9_during_a_many_file_pull_then_every_file_resumes(
+    services: Services, hub: FakeHub, tmp_path: Path
+) -> None:
+    # A split GGUF of three ~30 MB parts, transferred at once under one bandwidth limit.
+    parts = write_split_gguf(
+        tmp_path, "big-Q4_K_M", 3, **{**LLAMA3_8B, "n_layer": 2, "n_vocab": 4096, "n_ff": 2048}
+    )
+    total = sum(p.stat().st_size for p in parts)
+    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in parts]
+    hub.add_repo("org/split-GGUF", {p.name: p for p in parts})
+    source = "hf:org/split-GGUF"
+    limit = str(total // 8)  # about 8 s for the three files together
+    cache = tmp_path / "hf-cache"
+
+    def partial_bytes() -> tuple[int, int]:
+        """(bytes in partials, how many partials hold some)."""
+        sizes = [p.stat().st_size for p in cache.rglob("*.partial")]
+        return sum(sizes), sum(1 for size in sizes if size)
+
+    cli = subprocess.Popen(
+        [RBEE, "pull", source, "--limit", limit, "--format", "json"],
+        env={**os.environ, **services.env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for point in (0.2 * total, 0.5 * total):
+            deadline = time.monotonic() + 60
+            while partial_bytes()[0] < point:
+                assert time.monotonic() < deadline, f"the partials never reached {point:.0f} B"
+                time.sleep(0.01)
+            assert partial_bytes()[1] >= 2, "the parts were not transferring at once"
+            services.kill_provisioner()
+            services.start_provisioner()  # resumes the pull at start-up, from the partials
+        cli.wait(timeout=30)  # its stream died with the first kill
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+
+    result = services.rbee("pull", source, "--format", "json", timeout=120)
+    assert result.returncode == 0, result.stderr
+    model = json.loads(result.stdout.splitlines()[-1])["model"]
+    assert model["state"] == "MODEL_STATE_READY"
+    snapshot = Path(model["paths"][0]).parent
+    for part, digest in zip(parts, digests, strict=True):
+        assert hashlib.sha256((snapshot / part.name).read_bytes()).hexdigest() == digest
+    # Each part went on from its own bytes on disk: far less than the three moved again.
+    assert hub.cdn.body_bytes_sent() < 1.5 * total
     assert not list(cache.rglob("*.partial"))
 
 
