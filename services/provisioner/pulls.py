@@ -787,6 +787,9 @@ class PullManager:
         entry.done = result.size
         entry.total = result.size
         entry.sha256 = result.sha256
+        # Its last bytes may have fallen in the progress throttle: say it is complete.
+        job.file_index = index
+        self._publish(job, self._event(job))
         if self._metrics is not None and result.transferred:
             self._metrics.bytes_downloaded.labels(_kind_label(job.spec)).inc(result.transferred)
         await self._persist(job)

@@ -206,6 +206,55 @@ def test_pull_follower_notes_stages_and_draws_the_file_then_sums_up() -> None:
     )
 
 
+class RecordingDisplay(ProgressDisplay):
+    """What the follower asked of its display, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, int]] = []
+
+    def note(self, text: str) -> None:
+        self.calls.append(("note", text, 0))
+
+    def transfer(self, key: str, label: str, counts: ByteCount) -> None:
+        self.calls.append(("transfer", key, counts.done))
+
+    def complete(self, key: str) -> None:
+        self.calls.append(("complete", key, 0))
+
+
+def test_pull_follower_keeps_files_that_transfer_at_once_apart() -> None:
+    display = RecordingDisplay()
+    follower = PullFollower(display, as_json=False)
+    two = {"file_count": 2, "file_total": 4 * MiB}
+    follower.show(_update(file="a", file_index=1, file_done=MiB, **two))
+    follower.show(_update(file="b", file_index=2, file_done=MiB, **two))
+    follower.show(_update(file="a", file_index=1, file_done=2 * MiB, **two))
+    follower.show(_update(file="b", file_index=2, file_done=4 * MiB, **two))
+    follower.show(_update(file="a", file_index=1, file_done=3 * MiB, **two))
+    assert display.calls == [
+        ("transfer", "a", MiB),
+        ("transfer", "b", MiB),
+        ("transfer", "a", 2 * MiB),  # "a" goes on: b's events do not end it
+        ("transfer", "b", 4 * MiB),
+        ("complete", "b", 0),  # "b" ends when its bytes do
+        ("transfer", "a", 3 * MiB),
+    ]
+    follower.show(_update(state="verifying", file="", **two))
+    assert display.calls[-2:] == [("complete", "a", 0), ("complete", "b", 0)]
+
+
+def test_line_display_throttles_each_file_of_interleaved_transfers() -> None:
+    buffer = io.StringIO()
+    display = LineDisplay(output.make_console(buffer), interval=3600)  # type: ignore[arg-type]
+    for done in (1, 2, 3):
+        display.transfer("a", "a (1/2)", ByteCount(done * MiB, 4 * MiB))
+        display.transfer("b", "b (2/2)", ByteCount(done * MiB, 4 * MiB))
+    assert buffer.getvalue().splitlines() == [
+        "a (1/2) 1.00 MiB/4.00 MiB",
+        "b (2/2) 1.00 MiB/4.00 MiB",
+    ]
+
+
 def test_verification_text_says_what_was_checked() -> None:
     unverified = pb.Pull(files=[pb.PullFile(path="a", sha256="c" * 64)])
     assert verification_text(unverified, _model()).startswith("sha256 computed")

@@ -102,14 +102,14 @@ class ProgressDisplay:
 
 
 class LineDisplay(ProgressDisplay):
-    """Plain lines for pipes and logs: every note, and a transfer line when its file changes or
-    every `interval` seconds (a 10 GB pull must not write a million lines)."""
+    """Plain lines for pipes and logs: every note, and per file a transfer line when it first
+    shows, then every `interval` seconds (a 10 GB pull must not write a million lines, nor
+    files that transfer at once a line at each of their interleaved updates)."""
 
     def __init__(self, console: Console, *, interval: float = LINE_SECONDS) -> None:
         self._console = console
         self._interval = interval
-        self._last_key: str | None = None
-        self._last_line = 0.0
+        self._last_line: dict[str, float] = {}  # file -> when its last line was printed
         self._completed: set[str] = set()
 
     def _print(self, text: str) -> None:
@@ -117,15 +117,16 @@ class LineDisplay(ProgressDisplay):
 
     def note(self, text: str) -> None:
         self._print(text)
-        self._last_key = None  # the next transfer line comes at once, after the note
+        self._last_line.clear()  # the next transfer lines come at once, after the note
 
     def transfer(self, key: str, label: str, counts: ByteCount) -> None:
         if key in self._completed:
             return
         now = time.monotonic()
-        if key != self._last_key or now - self._last_line >= self._interval:
+        last = self._last_line.get(key)
+        if last is None or now - last >= self._interval:
             self._print(transfer_line(label, counts))
-            self._last_key, self._last_line = key, now
+            self._last_line[key] = now
 
     def complete(self, key: str) -> None:
         self._completed.add(key)

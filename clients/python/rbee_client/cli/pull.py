@@ -87,6 +87,8 @@ class PullFollower:
     model: Model | None = None
     _last_note: tuple[str, str] = ("", "")
     _files_seen: list[str] = field(default_factory=list)
+    # Per file, (seconds, bytes) when first seen: its own rate when files transfer at once.
+    _file_start: dict[str, tuple[float, int]] = field(default_factory=dict)
 
     def show(self, item: Any) -> None:
         """One stream item: a PullUpdate (progress) or the final Model."""
@@ -111,15 +113,31 @@ class PullFollower:
             self.display.note(f"{item.state}: {item.message}" if item.message else item.state)
         self._last_note = (item.state, item.message)
         if item.state == "downloading" and item.file:
-            for earlier in self._files_seen:
-                if earlier != item.file:
-                    self.display.complete(earlier)
+            # Several files of a pull may transfer at once, their events interleaved: a file
+            # is complete when its bytes are, not when another file shows up.
             if item.file not in self._files_seen:
                 self._files_seen.append(item.file)
-            self.display.transfer(item.file, _file_label(item), _file_counts(item))
+            self.display.transfer(item.file, _file_label(item), self._file_counts(item))
+            if item.file_total is not None and item.file_done >= item.file_total:
+                self.display.complete(item.file)
         elif item.state in {"verifying", "registering"}:
             for seen in self._files_seen:
                 self.display.complete(seen)
+
+    def _file_counts(self, update: Any) -> ByteCount:
+        """The file's bytes, rate and ETA: the pull's rate for a one-file pull; with several,
+        the file's own average since this command first saw it (once it has moved)."""
+        counts = _file_counts(update)
+        if update.file_count <= 1:
+            return counts
+        now = time.monotonic()
+        started, done_then = self._file_start.setdefault(update.file, (now, update.file_done))
+        elapsed, moved = now - started, update.file_done - done_then
+        rate = moved / elapsed if elapsed >= 0.5 and moved > 0 else 0.0
+        eta = None
+        if update.file_total is not None and rate > 0:
+            eta = max(0.0, (update.file_total - update.file_done) / rate)
+        return ByteCount(counts.done, counts.total, rate, eta, counts.reused)
 
     def follow(self, stream: Any) -> Model | None:
         for item in stream:
@@ -133,7 +151,7 @@ def _file_label(update: Any) -> str:
 
 
 def _file_counts(update: Any) -> ByteCount:
-    """The current file's bytes, with the pull's rate (files download one after another)."""
+    """The file's bytes, with the pull's rate and the ETA at that rate."""
     rate = float(update.bytes_per_second)
     eta = None
     if update.file_total is not None and rate > 0:
