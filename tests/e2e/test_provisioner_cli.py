@@ -7,6 +7,7 @@ on disk, and the catalog never shows the model READY before that.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -14,9 +15,10 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -168,6 +170,35 @@ def test_rbee_pull_human_and_json(services: Services, hub: FakeHub, tmp_path: Pa
     assert len(bad.stderr.strip().splitlines()) == 1
 
 
+def kill_9_during_pull(
+    services: Services, source: str, limit: str, moments: Sequence[Callable[[], None]]
+) -> dict[str, Any]:
+    """`rbee pull SOURCE --limit LIMIT`; after each of `moments` returns, kill -9 the
+    provisioner and start it again (it resumes the pull at start-up, from the bytes on disk);
+    then the same pull again, to its end. Returns the READY model (its JSON)."""
+    cli = subprocess.Popen(
+        [RBEE, "pull", source, "--limit", limit, "--format", "json"],
+        env={**os.environ, **services.env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for moment in moments:
+            moment()
+            services.kill_provisioner()
+            assert all(m.state != cpb.MODEL_STATE_READY for m in services.models())
+            services.start_provisioner()
+        cli.wait(timeout=30)  # its stream died with the first kill
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    result = services.rbee("pull", source, "--format", "json", timeout=120)
+    assert result.returncode == 0, result.stderr
+    model: dict[str, Any] = json.loads(result.stdout.splitlines()[-1])["model"]
+    assert model["state"] == "MODEL_STATE_READY"
+    return model
+
+
 def test_kill_9_at_random_points_then_resume(
     services: Services, hub: FakeHub, tmp_path: Path
 ) -> None:
@@ -196,28 +227,10 @@ def test_kill_9_at_random_points_then_resume(
             time.sleep(0.01)
         raise AssertionError(f"the partial never reached {at_least:.0f} bytes")
 
-    cli = subprocess.Popen(
-        [RBEE, "pull", source, "--limit", limit, "--format", "json"],
-        env={**os.environ, **services.env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    model = kill_9_during_pull(
+        services, source, limit, [functools.partial(wait_for_partial, point) for point in points]
     )
-    try:
-        for point in points:
-            wait_for_partial(point)
-            services.kill_provisioner()
-            assert all(m.state != cpb.MODEL_STATE_READY for m in services.models())
-            services.start_provisioner()  # resumes the pull at start-up, from the partial
-        cli.wait(timeout=30)  # its stream died with the first kill
-    finally:
-        if cli.poll() is None:
-            cli.kill()
-
-    result = services.rbee("pull", source, "--format", "json", timeout=120)
-    assert result.returncode == 0, result.stderr
-    model = json.loads(result.stdout.splitlines()[-1])["model"]
     assert model["sha256"] == digest
-    assert model["state"] == "MODEL_STATE_READY"
     (stored,) = services.models()
     assert stored.state == cpb.MODEL_STATE_READY and stored.sha256 == digest
     # Bytes on disk were reused: ranged requests, and far less than six full transfers.
@@ -245,30 +258,19 @@ def test_kill_9_during_a_many_file_pull_then_every_file_resumes(
         sizes = [p.stat().st_size for p in cache.rglob("*.partial")]
         return sum(sizes), sum(1 for size in sizes if size)
 
-    cli = subprocess.Popen(
-        [RBEE, "pull", source, "--limit", limit, "--format", "json"],
-        env={**os.environ, **services.env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for point in (0.2 * total, 0.5 * total):
-            deadline = time.monotonic() + 60
-            while partial_bytes()[0] < point:
-                assert time.monotonic() < deadline, f"the partials never reached {point:.0f} B"
-                time.sleep(0.01)
-            assert partial_bytes()[1] >= 2, "the parts were not transferring at once"
-            services.kill_provisioner()
-            services.start_provisioner()  # resumes the pull at start-up, from the partials
-        cli.wait(timeout=30)  # its stream died with the first kill
-    finally:
-        if cli.poll() is None:
-            cli.kill()
+    def wait_for_partials(at_least: float) -> None:
+        deadline = time.monotonic() + 60
+        while partial_bytes()[0] < at_least:
+            assert time.monotonic() < deadline, f"the partials never reached {at_least:.0f} B"
+            time.sleep(0.01)
+        assert partial_bytes()[1] >= 2, "the parts were not transferring at once"
 
-    result = services.rbee("pull", source, "--format", "json", timeout=120)
-    assert result.returncode == 0, result.stderr
-    model = json.loads(result.stdout.splitlines()[-1])["model"]
-    assert model["state"] == "MODEL_STATE_READY"
+    model = kill_9_during_pull(
+        services,
+        source,
+        limit,
+        [functools.partial(wait_for_partials, at) for at in (0.2 * total, 0.5 * total)],
+    )
     snapshot = Path(model["paths"][0]).parent
     for part, digest in zip(parts, digests, strict=True):
         assert hashlib.sha256((snapshot / part.name).read_bytes()).hexdigest() == digest
