@@ -119,6 +119,13 @@ class PlannedFile:
         """Where the bytes accumulate until complete and verified (kept for resume)."""
         return self.dest.with_name(self.dest.name + ".partial")
 
+    def partial_bytes(self) -> int:
+        """Bytes in the partial file; 0 when there is none."""
+        try:
+            return self.partial.stat().st_size
+        except OSError:
+            return 0
+
 
 @dataclass(frozen=True)
 class Resolution:

@@ -1021,7 +1021,7 @@ def _has_model_index(folder: str) -> bool:
 def _check_free_space(resolution: Resolution) -> None:
     """Room for every byte the pull has still to write (files at once: their sum)."""
     needed = sum(
-        max(0, (p.size or 0) - _partial_bytes(p)) for p in resolution.planned if not p.cached
+        max(0, (p.size or 0) - p.partial_bytes()) for p in resolution.planned if not p.cached
     )
     if needed <= 0:
         return
@@ -1035,13 +1035,6 @@ def _check_free_space(resolution: Resolution) -> None:
             f"not enough free space in {probe}: the pull needs {needed} bytes, {free} are free",
             reason="DISK_FULL",
         )
-
-
-def _partial_bytes(planned: PlannedFile) -> int:
-    try:
-        return planned.partial.stat().st_size
-    except OSError:
-        return 0
 
 
 def _discard_partials(record: PullRecord) -> None:

@@ -710,7 +710,7 @@ class _Download:
                 with contextlib.suppress(OSError):
                     os.fsync(fd)  # a kept partial is durable, so a resume can trust it
                 os.close(fd)
-            if not keep or _is_empty(partial):  # wrong bytes, or none to resume from
+            if not keep or planned.partial_bytes() == 0:  # wrong bytes, or none to resume
                 with contextlib.suppress(FileNotFoundError):
                     partial.unlink()
 
@@ -1109,13 +1109,6 @@ class _Download:
 def _short_reason(message: str) -> str:
     """The cause part of an http.open_url error ("cannot reach URL: connection refused")."""
     return message.rsplit(": ", 1)[-1] if ": " in message else message
-
-
-def _is_empty(path: Path) -> bool:
-    try:
-        return path.stat().st_size == 0
-    except OSError:
-        return False
 
 
 def _is_disk_full(exc: OSError) -> bool:

@@ -127,17 +127,12 @@ class PullFollower:
     def _file_counts(self, update: Any) -> ByteCount:
         """The file's bytes, rate and ETA: the pull's rate for a one-file pull; with several,
         the file's own average since this command first saw it (once it has moved)."""
-        counts = _file_counts(update)
         if update.file_count <= 1:
-            return counts
+            return _file_counts(update)
         now = time.monotonic()
         started, done_then = self._file_start.setdefault(update.file, (now, update.file_done))
         elapsed, moved = now - started, update.file_done - done_then
-        rate = moved / elapsed if elapsed >= 0.5 and moved > 0 else 0.0
-        eta = None
-        if update.file_total is not None and rate > 0:
-            eta = max(0.0, (update.file_total - update.file_done) / rate)
-        return ByteCount(counts.done, counts.total, rate, eta, counts.reused)
+        return _file_counts(update, moved / elapsed if elapsed >= 0.5 and moved > 0 else 0.0)
 
     def follow(self, stream: Any) -> Model | None:
         for item in stream:
@@ -150,9 +145,9 @@ def _file_label(update: Any) -> str:
     return f"{label} ({update.file_index}/{update.file_count})" if update.file_count else label
 
 
-def _file_counts(update: Any) -> ByteCount:
-    """The file's bytes, with the pull's rate and the ETA at that rate."""
-    rate = float(update.bytes_per_second)
+def _file_counts(update: Any, rate: float | None = None) -> ByteCount:
+    """The file's bytes, with `rate` (default: the pull's) and the ETA at that rate."""
+    rate = float(update.bytes_per_second) if rate is None else rate
     eta = None
     if update.file_total is not None and rate > 0:
         eta = max(0.0, (update.file_total - update.file_done) / rate)
