@@ -9,6 +9,12 @@ seed-style store (the original rbee's catalog: one directory per artifact holdin
 metadata.json) as the baseline, in this process. rbee's server is the real `rbee-catalog`
 in its own process, as clients meet it. Prints a table and exits 0: a benchmark
 reports, it does not assert.
+
+Three breakdown rows say where GetModel's time goes. GetModel of random ids, GetModel of one
+model again and again (its serialized message cached: the handler's cheapest path) and a bare
+Health.Check (the transport's floor) are measured one of each per round, so they see the same
+moments of the host. A last row times Health.Check after the server sat idle for 20 ms: on a
+virtual machine whose idle CPUs halt, waking the server's threads is a cost of its own.
 """
 
 from __future__ import annotations
@@ -67,6 +73,9 @@ PAGE_SIZE = 100
 PAGES_PER_WALK = 10  # a List sample walks this many pages with the tokens, then starts over
 LAYERS = 32
 RPC_DEADLINE_S = 30.0
+# Health checks sent after the server sat idle, and how long it sat idle before each.
+IDLE_CHECKS = 100
+IDLE_GAP_S = 0.02
 
 TARGET_GET_P99_MS = 2.0
 TARGET_LIST_P99_MS = 15.0
@@ -397,6 +406,16 @@ def timed(fn: Callable[[], object], count: int) -> list[float]:
     return samples
 
 
+def timed_round(fns: Sequence[Callable[[], object]]) -> list[float]:
+    """Call each of `fns` once, in order; the wall time of each call in seconds."""
+    samples: list[float] = []
+    for fn in fns:
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
 class PageWalker:
     """Calls a List function page after page with the returned tokens, restarting after
     PAGES_PER_WALK pages or at the last page, so samples cover first and later pages."""
@@ -498,17 +517,33 @@ def measure_rbee_grpc(
         def check() -> None:
             health.Check(health_pb2.HealthCheckRequest(), timeout=RPC_DEADLINE_S)
 
+        hit_request = pb.GetModelRequest(name=f"models/{ids[0]}")
+
+        def get_hit() -> None:
+            stub.GetModel(hit_request, timeout=RPC_DEADLINE_S)
+
         walker = PageWalker(list_page)
         warmup = max(10, iterations // 10)
-        timed(get, warmup)
-        timed(walker, warmup)
-        timed(check, warmup)
-        return {
-            "get": timed(get, iterations),
+        for fn in (get, get_hit, walker, check):
+            timed(fn, warmup)
+        # GetModel of random ids, GetModel of one model (its message cached after the first
+        # call) and the bare Health.Check, one of each per round: the three see the same
+        # moments of the host, so their differences are the handler's own costs.
+        rounds = [timed_round((get, get_hit, check)) for _ in range(iterations)]
+        samples = {
+            "get": [r[0] for r in rounds],
+            "get_hit": [r[1] for r in rounds],
+            "health": [r[2] for r in rounds],
             "list": timed(walker, iterations),
-            "health": timed(check, iterations),
             "inspect_grpc": timed(inspect, 5),
         }
+        # The same Health.Check after the server sat idle: what waking the server's threads
+        # (and an idle CPU) costs on this host, paid by any call that finds the server idle.
+        samples["health_idle"] = []
+        for _ in range(IDLE_CHECKS):
+            time.sleep(IDLE_GAP_S)
+            samples["health_idle"].extend(timed(check, 1))
+        return samples
 
 
 def measure_rbee_in_process(
@@ -806,6 +841,12 @@ def _rows(
             _ms(percentile(remote["health"], 0.5))),
         Row("  gRPC floor: Health.Check on the same server p99",
             _ms(percentile(remote["health"], 0.99))),
+        Row("  GetModel of one model again and again (cached message) p50",
+            _ms(percentile(remote["get_hit"], 0.5))),
+        Row("  GetModel of one model again and again (cached message) p99",
+            _ms(percentile(remote["get_hit"], 0.99))),
+        Row(f"  gRPC floor after {IDLE_GAP_S * 1000:.0f} ms idle: Health.Check p50 of "
+            f"{len(remote['health_idle'])}", _ms(percentile(remote["health_idle"], 0.5))),
         Row("inspect 70B header-only GGUF: first run", _ms(inspect_first), "n/a (none)",
             target=f"< {TARGET_INSPECT_MS:g} ms",
             result=_verdict(inspect_first * 1000 < TARGET_INSPECT_MS)),
@@ -835,6 +876,9 @@ ROW_METRICS = (
     "serialize + parse a page",
     "gRPC floor: Health.Check on the same server p50",
     "gRPC floor: Health.Check on the same server p99",
+    "GetModel of one model again and again (cached message) p50",
+    "GetModel of one model again and again (cached message) p99",
+    "gRPC floor after",
     "inspect 70B header-only GGUF: first run",
     "inspect: p50",
     "inspect over gRPC",
