@@ -59,6 +59,7 @@ from services.catalog.domain import (
 )
 from services.catalog.filtering import ModelFilter, parse_model_filter
 from services.catalog.inspect import inspect_path, warm_imports
+from services.catalog.message_cache import ProtobufModelEncoder
 from services.catalog.pagination import normalize_page_size
 from services.catalog.store import CatalogStore
 from tests.fixtures.gguf_models import (
@@ -266,9 +267,11 @@ POPULATE_BATCH = 10_000  # models per create_models transaction: bounded memory,
 def populate_rbee(database: Path, models: Iterable[Model]) -> int:
     """Insert `models` into the catalog database at `database` through the store's own bulk
     path, `CatalogStore.create_models` (each model stored as create_model stores it), in
-    transactions of POPULATE_BATCH models. Returns how many models were inserted."""
+    transactions of POPULATE_BATCH models, with the encoder the catalog's store writes with
+    (each model's serialized message kept beside it, as a CreateModel would keep it).
+    Returns how many models were inserted."""
     count = 0
-    with CatalogStore.open(database) as store:
+    with CatalogStore.open(database, encoder=ProtobufModelEncoder()) as store:
         for batch in _batches(models):
             count += len(store.create_models(batch))
     return count

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import platform
 import sys
@@ -13,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from rbee.catalog.v1 import catalog_pb2_grpc
 from services.catalog.inspect import warm_imports
+from services.catalog.message_cache import ProtobufModelEncoder
 from services.catalog.service import CatalogService, HostInfo
 from services.catalog.servicer import CatalogServicer
 from services.catalog.settings import CatalogSettings
@@ -45,7 +47,7 @@ async def start_catalog(
 ) -> RunningServer:
     """Open the store and bind the server (NOT_SERVING); the caller sets SERVING. Stopping the
     server closes the store."""
-    store = CatalogStore.open(settings.database_path)
+    store = CatalogStore.open(settings.database_path, encoder=ProtobufModelEncoder())
     plat, machine = host_platform()
     service = CatalogService(
         store,
@@ -66,9 +68,29 @@ async def start_catalog(
         security=settings.server_security(),
     )
     running.on_stop(service.close)
+    backfill = asyncio.ensure_future(_backfill_encodings(service))
+    running.on_stop(lambda: _cancel(backfill))  # LIFO: before the service closes
     # The first inspect should not pay for importing the readers: do it now, off the loop.
     threading.Thread(target=warm_imports, name="warm-inspect-imports", daemon=True).start()
     return running
+
+
+async def _backfill_encodings(service: CatalogService) -> None:
+    """Encode the models stored without a current encoding (see CatalogStore); a failure only
+    leaves them to be converted as they are served."""
+    try:
+        encoded = await service.backfill_encodings()
+    except Exception:
+        logger.warning("could not encode the stored models for serving", exc_info=True)
+        return
+    if encoded:
+        logger.info("encoded %d stored models for serving", encoded)
+
+
+async def _cancel(task: asyncio.Future[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def run(settings: CatalogSettings) -> None:

@@ -19,14 +19,15 @@ from rbee.common.v1 import info_pb2, info_pb2_grpc
 
 INFO_SERVICE_NAME = "rbee.common.v1.InfoService"
 DISTRIBUTION_NAME = "rbee-mesh"
+UNKNOWN_VERSION = "0+unknown"
 
 
 def project_version() -> str:
-    """The installed rbee-mesh version ("0+unknown" when run from an uninstalled tree)."""
+    """The installed rbee-mesh version (UNKNOWN_VERSION when run from an uninstalled tree)."""
     try:
         return importlib.metadata.version(DISTRIBUTION_NAME)
     except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
+        return UNKNOWN_VERSION
 
 
 class InfoServicer(info_pb2_grpc.InfoServiceServicer):

@@ -6,13 +6,20 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from services.catalog.domain import Model, ModelSource, SourceKind
+from services.catalog.message_cache import MODEL_ENCODING
+from services.catalog.store import CatalogStore
 from tests.e2e.processes import BIN, free_port, wait_healthy
 from tests.fixtures.gguf_models import LLAMA3_8B, write_header_only_gguf, write_tiny_llama_gguf
 from tests.fixtures.safetensors_models import sdxl_tensors, write_header_only_safetensors
@@ -111,6 +118,13 @@ class Catalog:
 
 @pytest.fixture
 def catalog(tmp_path: Path) -> Iterator[Catalog]:
+    with catalog_process(tmp_path) as started:
+        yield started
+
+
+@contextmanager
+def catalog_process(tmp_path: Path) -> Iterator[Catalog]:
+    """`rbee-catalog` with RBEE_HOME=tmp_path/home, gated on health; killed on exit."""
     port, metrics_port = free_port(), free_port()
     env = {
         "RBEE_HOME": str(tmp_path / "home"),
@@ -189,3 +203,42 @@ def test_cli_reports_an_unreachable_catalog() -> None:
     )
     assert result.returncode == 3
     assert "rbee serve catalog" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_catalog_written_before_stored_encodings_is_upgraded_while_it_serves(
+    tmp_path: Path,
+) -> None:
+    # A database as rbee before schema version 2 left it: models, no encodings.
+    database = tmp_path / "home" / "catalog" / "catalog.db"
+    with CatalogStore.open(database) as store:
+        created = store.create_models(
+            [
+                Model(
+                    id=f"old-{index}",
+                    source=ModelSource(kind=SourceKind.URL, url=f"https://example.invalid/{index}"),
+                    created_at=datetime(2026, 1, 1, tzinfo=UTC),
+                    updated_at=datetime(2026, 1, 1, tzinfo=UTC),
+                )
+                for index in range(3)
+            ]
+        )
+    with sqlite3.connect(database) as connection:
+        connection.execute("DROP TABLE model_encodings")
+        connection.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+
+    with catalog_process(tmp_path) as catalog:
+        shown = run_rbee("models", "show", "old-1", "--format", "json", env=catalog.env)
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["etag"] == created[1].etag
+        deadline = time.monotonic() + 20
+        while "encoded 3 stored models" not in catalog.stderr_path.read_text():
+            assert time.monotonic() < deadline, catalog.stderr_path.read_text()
+            time.sleep(0.05)
+        with sqlite3.connect(database) as connection:
+            rows = connection.execute(
+                "SELECT e.encoding FROM model_encodings AS e JOIN models AS m"
+                " ON m.id = e.model_id AND m.etag = e.etag"
+            ).fetchall()
+        assert rows == [(MODEL_ENCODING,)] * 3
+        listed = json.loads(run_rbee("models", "ls", "--format", "json", env=catalog.env).stdout)
+        assert [m["etag"] for m in listed["models"]] == [m.etag for m in created]

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from rbee.catalog.v1 import catalog_pb2_grpc
 from services.catalog.domain import DeviceKind
+from services.catalog.message_cache import ProtobufModelEncoder
 from services.catalog.service import CatalogService, HostInfo
 from services.catalog.servicer import CatalogServicer
 from services.catalog.store import CatalogStore
@@ -35,7 +36,8 @@ def running_catalog(home: Path, *, host: HostInfo | None = None) -> Iterator[Cat
     hive = host or HostInfo("linux", "x86_64", frozenset({DeviceKind.CPU, DeviceKind.CUDA}))
 
     async def build() -> tuple[RunningServer, None]:
-        store = CatalogStore.open(home / "catalog" / "catalog.db")
+        # As the catalog opens it (services.catalog.__main__): models keep their encodings.
+        store = CatalogStore.open(home / "catalog" / "catalog.db", encoder=ProtobufModelEncoder())
         service = CatalogService(store, WorkerTypeRegistry(), host=hive)
         running = await start_server(
             [

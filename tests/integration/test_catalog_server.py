@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,7 +37,7 @@ from services.catalog.domain import (
     SourceKind,
     Verdict,
 )
-from services.catalog.message_cache import ModelMessageCache
+from services.catalog.message_cache import MODEL_ENCODING, ModelMessageCache
 from services.catalog.service import CatalogService, HostInfo, ModelDraft
 from services.catalog.servicer import CatalogServicer
 from services.catalog.store import CatalogStore
@@ -621,3 +622,50 @@ def test_the_message_cache_is_bounded_and_pages_stay_exact(tmp_path: Path) -> No
                 assert stub.GetModel(request, timeout=5) == message
                 assert len(messages.versions) <= 3
         assert messages.versions.hits >= len(expected)
+
+
+def test_reads_serve_the_encoding_stored_with_the_model(
+    server: CatalogServer, stub: catalog_pb2_grpc.CatalogServiceStub, tmp_path: Path
+) -> None:
+    created = stub.CreateModel(
+        pb.CreateModelRequest(
+            model=pb.Model(
+                source=pb.ModelSource(kind=pb.SOURCE_KIND_LOCAL),
+                paths=[str(write_tiny_llama_gguf(tmp_path / "m.gguf"))],
+            )
+        ),
+        timeout=10,
+    )
+    # The create stored the message it answered with, beside the model, for this version.
+    with sqlite3.connect(server.database) as connection:
+        stored, encoding = connection.execute(
+            "SELECT data, encoding FROM model_encodings WHERE model_id = ? AND etag = ?",
+            (created.name.removeprefix("models/"), created.etag),
+        ).fetchone()
+    assert encoding == MODEL_ENCODING
+    assert pb.Model.FromString(stored) == created
+    assert stub.GetModel(pb.GetModelRequest(name=created.name), timeout=5) == created
+
+    # What a read sends is those bytes, not a conversion: a marked copy is what comes back.
+    marked = pb.Model()
+    marked.CopyFrom(created)
+    marked.display_name = "served from the store"
+    with sqlite3.connect(server.database) as connection:
+        connection.execute(
+            "UPDATE model_encodings SET data = ? WHERE model_id = ?",
+            (marked.SerializeToString(), created.name.removeprefix("models/")),
+        )
+    assert stub.GetModel(pb.GetModelRequest(name=created.name), timeout=5) == marked
+    [listed] = stub.ListModels(pb.ListModelsRequest(), timeout=5).models
+    assert listed == marked
+
+    # The next write stores its own version's encoding.
+    updated = stub.UpdateModel(
+        pb.UpdateModelRequest(
+            model=pb.Model(name=created.name, display_name="renamed"),
+            update_mask=FieldMask(paths=["display_name"]),
+        ),
+        timeout=5,
+    )
+    assert updated.display_name == "renamed" and updated.etag != created.etag
+    assert stub.GetModel(pb.GetModelRequest(name=created.name), timeout=5) == updated

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from services.catalog.domain import DeviceKind, ModelSource, ModelState, SourceKind
+from services.catalog.domain import DeviceKind, Model, ModelSource, ModelState, SourceKind
 from services.catalog.inspect import InspectError
+from services.catalog.message_cache import ProtobufModelEncoder
 from services.catalog.service import (
+    ENCODING_BACKFILL_BATCH,
     CatalogService,
     CompatibilityRequest,
     HostInfo,
@@ -303,3 +306,38 @@ async def test_compatibility_follows_every_write_of_the_model(
     await service.delete_model(model.name)
     with pytest.raises(NotFound):
         await _context_used(service, model.name)
+
+
+NOW = datetime(2026, 11, 23, tzinfo=UTC)
+
+
+async def test_backfill_encodes_a_database_written_without_encodings(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.db"
+    with CatalogStore.open(path) as plain:  # as rbee before stored encodings wrote it
+        created = plain.create_models(
+            [
+                Model(
+                    id=f"m{index:03d}",
+                    source=ModelSource(kind=SourceKind.URL, url=f"https://example.invalid/{index}"),
+                    state=ModelState.READY,
+                    created_at=NOW,
+                    updated_at=NOW,
+                )
+                for index in range(ENCODING_BACKFILL_BATCH + 7)
+            ]
+        )
+    encoder = ProtobufModelEncoder()
+    svc = CatalogService(
+        CatalogStore.open(path, encoder=encoder), WorkerTypeRegistry(), host=CPU_ONLY_LINUX
+    )
+    try:
+        before = await svc.get_model_record(f"models/{created[0].id}")
+        assert before.encoded is None
+        assert await svc.backfill_encodings() == len(created)
+        assert await svc.backfill_encodings() == 0
+        for model in (created[0], created[-1]):
+            record = await svc.get_model_record(f"models/{model.id}")
+            assert record.etag == model.etag  # encoding changes no model version
+            assert record.encoded == encoder.encode(model)
+    finally:
+        await svc.close()
