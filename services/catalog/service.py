@@ -182,7 +182,7 @@ class CatalogService:
     async def backfill_encodings(self) -> int:
         """Give every model the store's current encoding (a database written before, or by
         another build), one batch at a time on the db thread, so writes queued meanwhile wait
-        for one batch at most (about 0.1 ms per model); returns how many it encoded. Reads do
+        for one batch at most (about 0.2 ms per model); returns how many it encoded. Reads do
         not wait: models without one are converted as they are served."""
         total, after = 0, ""
         while True:

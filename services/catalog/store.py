@@ -580,7 +580,7 @@ class CatalogStore:
         Returns how many it encoded and where the next call goes on ("" when it reached the
         end, or when the store has no encoder). For a database written without this encoder:
         call it from "" until it returns "", between other work; each call holds the store
-        for about 0.1 ms per model encoded, and the calls together read the table once."""
+        for about 0.2 ms per model encoded, and the calls together read the table once."""
         encoder = self._encoder
         if encoder is None or limit <= 0:
             return 0, ""
