@@ -98,19 +98,19 @@ class ModelMessageCache:
         return b"".join(parts)
 
     def _framed_many(self, records: Sequence[ModelRecord]) -> list[_Framed]:
-        if all(record.encoded is not None for record in records):
-            return [_frame(record.encoded) for record in records]  # type: ignore[arg-type]
-        found = self._wire.get_many([(record.id, record.etag) for record in records])
-        for index, cached in enumerate(found):
-            if cached is None:
-                record = records[index]
-                if record.encoded is not None:
-                    found[index] = _frame(record.encoded)
+        """Each record framed: its stored encoding, else the cached or newly built frame."""
+        framed = [_frame(r.encoded) if r.encoded is not None else None for r in records]
+        missing = [index for index, frame in enumerate(framed) if frame is None]
+        if missing:
+            cached = self._wire.get_many([(records[i].id, records[i].etag) for i in missing])
+            for index, hit in zip(missing, cached, strict=True):
+                if hit is not None:
+                    framed[index] = hit
                     continue
-                built = _framed(record)
+                record = records[index]
+                built = framed[index] = _framed(record)
                 self._wire.put(record.id, record.etag, built)
-                found[index] = built
-        return found  # type: ignore[return-value]  # every None was replaced
+        return framed  # type: ignore[return-value]  # every None was replaced
 
     def list_response(
         self, records: Sequence[ModelRecord], *, next_page_token: str, total_size: int
@@ -178,23 +178,6 @@ class CompatibilityResponseCache:
         self._versions.discard(model_id)
 
 
-class ProtobufModelEncoder:
-    """The encoding the catalog's store keeps per model version: the serialized
-    rbee.catalog.v1.Model, exactly what `convert.model_to_pb` makes of the stored model."""
-
-    def __init__(self) -> None:
-        self._name = MODEL_ENCODING
-
-    @property
-    def name(self) -> str:
-        """`MODEL_ENCODING`."""
-        return self._name
-
-    def encode(self, model: Model) -> bytes:
-        """The serialized Model message of `model`."""
-        return convert.model_to_pb(model).SerializeToString()
-
-
 def encoding_fingerprint(files: Sequence[FileDescriptor], sources: Sequence[Path]) -> str:
     """A short digest of the proto files `files` (with every file they import, recursively)
     and of the code in `sources`: what decides the bytes an encoder makes. A source that
@@ -230,6 +213,17 @@ def _unreadable_source_tag() -> str:
 MODEL_ENCODING = "rbee.catalog.v1.Model/" + encoding_fingerprint(
     [pb.Model.DESCRIPTOR.file], [Path(convert.__file__), Path(__file__)]
 )
+
+
+class ProtobufModelEncoder:
+    """The encoding the catalog's store keeps per model version: the serialized
+    rbee.catalog.v1.Model, exactly what `convert.model_to_pb` makes of the stored model."""
+
+    name = MODEL_ENCODING
+
+    def encode(self, model: Model) -> bytes:
+        """The serialized Model message of `model`."""
+        return convert.model_to_pb(model).SerializeToString()
 
 
 def _framed(record: ModelRecord) -> _Framed:
