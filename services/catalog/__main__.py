@@ -12,11 +12,10 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry
 
-from rbee.catalog.v1 import catalog_pb2_grpc
 from services.catalog.inspect import warm_imports
 from services.catalog.message_cache import ProtobufModelEncoder
 from services.catalog.service import CatalogService, HostInfo
-from services.catalog.servicer import CatalogServicer
+from services.catalog.servicer import CatalogServicer, catalog_binding
 from services.catalog.settings import CatalogSettings
 from services.catalog.store import CatalogStore
 from services.catalog.worker_types import (
@@ -27,7 +26,6 @@ from services.catalog.worker_types import (
 from services.common.logs import configure_logging, log_settings
 from services.common.server import (
     RunningServer,
-    ServiceBinding,
     prepare_heap_for_serving,
     serve_until_signal,
     start_server,
@@ -35,9 +33,6 @@ from services.common.server import (
 from services.common.settings import SettingsError, load_settings
 
 logger = logging.getLogger("services.catalog")
-
-SERVICE_NAME = "rbee.catalog.v1.CatalogService"
-
 
 EXIT_USAGE = 2
 
@@ -55,17 +50,12 @@ async def start_catalog(
         host=HostInfo(plat, machine, detect_device_kinds(plat, machine)),
     )
     running = await start_server(
-        [
-            ServiceBinding(
-                catalog_pb2_grpc.add_CatalogServiceServicer_to_server,
-                CatalogServicer(service),
-                SERVICE_NAME,
-            )
-        ],
+        [catalog_binding(CatalogServicer(service))],
         listen=settings.listen,
         metrics_listen=settings.metrics_listen,
         registry=registry,
         security=settings.server_security(),
+        handler_threads=settings.handler_threads,
     )
     running.on_stop(service.close)
     backfill = asyncio.ensure_future(_backfill_encodings(service))

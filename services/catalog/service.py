@@ -201,9 +201,13 @@ class CatalogService:
     async def get_model_record(self, name: str) -> ModelRecord:
         """`get_model` as the stored version (id, etag, JSON), unparsed: for callers that keep
         what they derive from a version under (id, etag) (the servicer's protobuf cache)."""
+        return self.read_model_record(name)
+
+    def read_model_record(self, name: str) -> ModelRecord:
+        """`get_model_record` from any thread, at once: a primary-key read (~50 us) on the
+        store's read-only connection, which never waits for a write, so it needs no trip to
+        the db thread (that hop was a third of GetModel's time)."""
         model_id = parse_resource_name(name, "models")
-        # A primary-key read (~50 us) on the store's read-only connection, which never waits
-        # for a write: served right here, without the thread hop (a third of GetModel's time).
         return self._store.get_model_record(model_id)
 
     async def list_models(
@@ -219,6 +223,21 @@ class CatalogService:
     ) -> tuple[list[ModelRecord], str, int]:
         """`list_models` as stored versions (id, etag, JSON), unparsed: the same filter, page
         and token rules, the same total."""
+        return await self._run_db(self._page_of_records(filter_text, page_size, page_token))
+
+    def read_model_records(
+        self, *, filter_text: str, page_size: int, page_token: str
+    ) -> tuple[list[ModelRecord], str, int]:
+        """`list_model_records` from a thread that may block (a threaded server's handler
+        thread; never the event loop or the db thread itself): it waits for the db thread,
+        where the page is read and the total counted (the count cache lives there)."""
+        read = self._page_of_records(filter_text, page_size, page_token)
+        return self._db.submit(read).result()
+
+    def _page_of_records(
+        self, filter_text: str, page_size: int, page_token: str
+    ) -> Callable[[], tuple[list[ModelRecord], str, int]]:
+        """The db-thread work of one List page (the filter is parsed here, in the caller)."""
         flt = parse_model_filter(filter_text)
 
         def run() -> tuple[list[ModelRecord], str, int]:
@@ -231,7 +250,7 @@ class CatalogService:
                 total = self._counts.put(key, self._store.count_models(flt))
             return records, token, total
 
-        return await self._run_db(run)
+        return run
 
     async def create_model(
         self, draft: ModelDraft, *, model_id: str = "", validate_only: bool = False

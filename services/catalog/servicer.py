@@ -4,6 +4,12 @@ Errors are raised as domain exceptions; the server's one interceptor turns them 
 GetModel, ListModels and EvaluateCompatibility (of a stored model) answer with cached
 serialized messages (`EncodedResponse`, see message_cache), so the servicer must be mounted
 through services.common.server.start_server, whose interceptor sends those bytes as they are.
+
+The catalog serves on a threaded server (`catalog_binding`, `handler_threads`): GetModel and
+ListModels are plain functions answered in the handler thread (GetModel reads the store right
+there; ListModels waits for the db thread), with no event-loop hop; every other method is a
+coroutine run on the event loop, as before. Measured with bench/catalog.py at 100,000 models,
+see BENCHMARKS.md ("The catalog on a threaded server").
 """
 
 from __future__ import annotations
@@ -21,8 +27,11 @@ from services.catalog.pagination import normalize_page_size
 from services.catalog.service import CatalogService
 from services.common.errors import InvalidArgument, RbeeError
 from services.common.interceptors import EncodedResponse
+from services.common.server import ServiceBinding
 
-Context = Any  # grpc.aio.ServicerContext; the domain never sees it
+Context = Any  # a grpc ServicerContext; the domain never sees it
+
+SERVICE_NAME = "rbee.catalog.v1.CatalogService"
 
 
 class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
@@ -43,16 +52,17 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
 
     # The three cached reads return EncodedResponse, which the generated stubs' types do not
     # know of (hence the ignores): the server's interceptor sends its bytes as the message.
-    async def GetModel(  # type: ignore[override]
+    # GetModel and ListModels run in the threaded server's handler threads (see above).
+    def GetModel(  # type: ignore[override]
         self, request: pb.GetModelRequest, context: Context
     ) -> EncodedResponse:
-        record = await self._service.get_model_record(request.name)
+        record = self._service.read_model_record(request.name)
         return EncodedResponse(self._messages.serialized(record))
 
-    async def ListModels(  # type: ignore[override]
+    def ListModels(  # type: ignore[override]
         self, request: pb.ListModelsRequest, context: Context
     ) -> EncodedResponse:
-        records, token, total = await self._service.list_model_records(
+        records, token, total = self._service.read_model_records(
             filter_text=request.filter, page_size=request.page_size, page_token=request.page_token
         )
         return EncodedResponse(
@@ -220,6 +230,16 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
             next_page_token=token,
             total_size=total,
         )
+
+
+def catalog_binding(servicer: CatalogServicer) -> ServiceBinding:
+    """The servicer as start_server mounts it (with `handler_threads`: it needs them)."""
+    return ServiceBinding(
+        catalog_pb2_grpc.add_CatalogServiceServicer_to_server,
+        servicer,
+        SERVICE_NAME,
+        needs_threads=True,
+    )
 
 
 def _with_metadata(request: Any, metadata: Any) -> Any:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -172,17 +172,44 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         """The real handler for an exempt method or a valid token; else a refusing one."""
-        handler = await continuation(handler_call_details)
-        if handler is None or self._security.is_exempt(handler_call_details.method):
+        return self.checked(await continuation(handler_call_details), handler_call_details)
+
+    def checked(
+        self, handler: grpc.RpcMethodHandler | None, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        """`handler` itself when the call may go through, else one that refuses it."""
+        if handler is None or self._security.is_exempt(details.method):
             return handler
-        problem = bearer_token_problem(
-            handler_call_details.invocation_metadata, self._security.token
-        )
+        problem = bearer_token_problem(details.invocation_metadata, self._security.token)
         if problem is None:
             return handler
         if self._metrics is not None:
             self._metrics.rejected.labels(problem).inc()
-        return _refusing_handler(handler, _MESSAGES[problem])
+        return self._refusing(handler, _MESSAGES[problem])
+
+    def _refusing(self, handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+        return _refusing_handler(handler, message)
+
+
+class ThreadedAuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """AuthInterceptor for grpc's sync server (a threaded server): the same check, and
+    refusing handlers that are plain functions."""
+
+    def __init__(self, security: ServerSecurity, metrics: AuthMetrics | None = None) -> None:
+        self._check = _ThreadedCheck(security, metrics)
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        """The real handler for an exempt method or a valid token; else a refusing one."""
+        return self._check.checked(continuation(handler_call_details), handler_call_details)
+
+
+class _ThreadedCheck(AuthInterceptor):
+    def _refusing(self, handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+        return _refusing_handler_in_thread(handler, message)
 
 
 def _refusing_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
@@ -198,6 +225,29 @@ def _refusing_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcM
         refuse()
         yield  # an async generator, so grpc.aio treats it as a response stream
 
+    return _same_kind(handler, unary_response, stream_response)
+
+
+def _refusing_handler_in_thread(
+    handler: grpc.RpcMethodHandler, message: str
+) -> grpc.RpcMethodHandler:
+    """`_refusing_handler` with plain functions, for the threaded server."""
+
+    def refuse(_request: Any, _context: Any) -> NoReturn:
+        raise Unauthenticated(message, reason=UNAUTHENTICATED_REASON)
+
+    def stream_response(_request: Any, _context: Any) -> Iterator[Any]:
+        refuse(_request, _context)
+        yield  # a generator, like every response stream
+
+    return _same_kind(handler, refuse, stream_response)
+
+
+def _same_kind(
+    handler: grpc.RpcMethodHandler,
+    unary_response: Callable[[Any, Any], Any],
+    stream_response: Callable[[Any, Any], Any],
+) -> grpc.RpcMethodHandler:
     serializers = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,

@@ -1,5 +1,6 @@
-"""The grpc.aio server interceptor applied to every RPC of every service: metrics, request id,
-and the one exception -> status mapping, in ONE wrapper around each handler.
+"""The server interceptor applied to every RPC of every service: metrics, request id, and the
+one exception -> status mapping, in ONE wrapper around each handler (`ServerCallInterceptor`
+on grpc.aio servers, `ThreadedCallInterceptor` on a threaded server: see the end of the file).
 
 - Request id and errors: binds the request id (see services.common.request_context), echoes it
   as `x-request-id` (initial metadata of a streaming response, trailing metadata of a unary
@@ -12,10 +13,11 @@ and the one exception -> status mapping, in ONE wrapper around each handler.
 
 `ServerCallInterceptor` does both (what `start_server` installs); `MetricsInterceptor` and
 `ErrorInterceptor` do one each, for a server that puts other interceptors between the two.
-Every handler kind is wrapped (unary/stream request x unary/stream response). Handlers must be
-async: coroutine functions, async generator functions, or stream-response coroutines that
-write with `context.write`. `asyncio.CancelledError` and `grpc.aio.AbortError` (a handler that
-called `context.abort` itself) always pass through untouched.
+Every handler kind is wrapped (unary/stream request x unary/stream response). On grpc.aio
+servers handlers must be async: coroutine functions, async generator functions, or
+stream-response coroutines that write with `context.write`. `asyncio.CancelledError` and
+`grpc.aio.AbortError` (a handler that called `context.abort` itself) always pass through
+untouched.
 
 Why one wrapper, built once per method: the catalog serves ~1,000 small RPCs a second on one
 event loop, where each interceptor layer used to cost a coroutine at lookup, a new method
@@ -37,11 +39,13 @@ serialized form (a cache) go to the client as they are, without a parse and a re
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextvars import Token
 from typing import Any
 
@@ -165,24 +169,46 @@ class _CallBoundary:
         metadata, which travels in the same batch as the response and its status (an extra
         initial-metadata send cost 15-20% of a small call's server CPU: bench/rpc_cost.py).
         Either way the client has it when the call fails too."""
-        started = time.perf_counter()
-        if self.metrics is not None:
-            self.metrics.started.inc()
-        if not self.map_errors:
-            return _CallState(started, "", None)
-        request_id = request_id_from_metadata(context.invocation_metadata())
-        token = bind_request_id(request_id)
-        echo = ((REQUEST_ID_METADATA_KEY, request_id),)
+        state = self._start(context)
+        if state.token is None:
+            return state
+        echo = ((REQUEST_ID_METADATA_KEY, state.request_id),)
         try:
             if streaming:
                 await context.send_initial_metadata(echo)
             else:
                 context.set_trailing_metadata(echo)
         except BaseException as exc:
-            unbind_request_id(token)
-            self._handled(exc, context, started)
+            unbind_request_id(state.token)
+            self._handled(exc, context, state.started)
             raise
-        return _CallState(started, request_id, token)
+        return state
+
+    def begin_in_thread(self, context: Any, *, streaming: bool) -> _CallState:
+        """`begin` for a call served in a handler thread (a threaded server's sync context)."""
+        state = self._start(context)
+        if state.token is None:
+            return state
+        echo = ((REQUEST_ID_METADATA_KEY, state.request_id),)
+        try:
+            if streaming:
+                context.send_initial_metadata(echo)
+            else:
+                context.set_trailing_metadata(echo)
+        except BaseException as exc:
+            unbind_request_id(state.token)
+            self._handled(exc, context, state.started)
+            raise
+        return state
+
+    def _start(self, context: Any) -> _CallState:
+        started = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.started.inc()
+        if not self.map_errors:
+            return _CallState(started, "", None)
+        request_id = request_id_from_metadata(context.invocation_metadata())
+        return _CallState(started, request_id, bind_request_id(request_id))
 
     def message_sent(self) -> None:
         """Count one streamed response message."""
@@ -200,30 +226,72 @@ class _CallBoundary:
         returns (the caller re-raises `exc`) when the error is not ours to map."""
         final = exc
         try:
-            status = self._status_for(exc, context, state)
-            if status is not None:
-                grpc_status = rpc_status.to_status(status)
-                # The status's own trailers (the details) replace any set before: the request
-                # id goes along with them.
-                trailers = (
-                    *grpc_status.trailing_metadata,
-                    (REQUEST_ID_METADATA_KEY, state.request_id),
+            if self.map_errors and _stray_cancellation(exc, context):
+                exc = StrayCancellation(
+                    f"{self.method}: something the handler awaited was cancelled, not the call"
                 )
+            status = self._status_for(exc, state, call_over=context.done() or context.cancelled())
+            if status is not None:
+                code, details, trailers = self._abort_arguments(status, state)
                 # Raises grpc.aio.AbortError, which replaces `exc` on the way out.
-                await context.abort(grpc_status.code, grpc_status.details, trailers)
+                await context.abort(code, details, trailers)
         except BaseException as raised:
             final = raised
             raise
         finally:
             self._handled(final, context, state.started)
 
-    def _status_for(self, exc: BaseException, context: Any, state: _CallState) -> Any:
+    def failed_in_thread(self, exc: BaseException, context: Any, state: _CallState) -> None:
+        """`failed` for a call served in a handler thread. Ends the call with the mapped status
+        (the sync context's `abort` raises a bare Exception, which replaces `exc` on the way
+        out); returns (the caller re-raises `exc`) when `exc` is not ours to map: a status the
+        handler set with `context.abort` itself, GeneratorExit, KeyboardInterrupt and the like.
+        A call that is over (the client went away, its deadline passed) is aborted too, which
+        only keeps grpc from logging the exception as the application's failure."""
+        final = exc
+        try:
+            if _is_thread_abort(exc, context):
+                return
+            over = not context.is_active()
+            if isinstance(exc, asyncio.CancelledError) and not over and self.map_errors:
+                # The coroutine run for it on the event loop was cancelled, not the call.
+                exc = StrayCancellation(
+                    f"{self.method}: the handler's work on the event loop was cancelled"
+                )
+            if isinstance(exc, asyncio.CancelledError):
+                if state.token is not None:
+                    unbind_request_id(state.token)
+                context.abort(_cancelled_code(context), "the call was cancelled")
+            status = self._status_for(exc, state, call_over=False)
+            if status is None:
+                return
+            code, details, trailers = self._abort_arguments(status, state)
+            context.abort_with_status(_AbortStatus(code, details, trailers))
+        except BaseException as raised:
+            final = raised
+            raise
+        finally:
+            self._handled(final, context, state.started)
+
+    def ended_in_thread(self, code: grpc.StatusCode, state: _CallState) -> None:
+        """Count a call whose handler returned before the call ended (a non-blocking stream)
+        once it has ended with `code`."""
+        if self.metrics is not None:
+            self.metrics.handled(code.name, time.perf_counter() - state.started)
+
+    def _abort_arguments(self, status: Any, state: _CallState) -> tuple[Any, str, Any]:
+        """(code, details, trailers) that send the google.rpc.Status `status`, with its
+        details and the request id in the trailers (they replace any set before)."""
+        grpc_status = rpc_status.to_status(status)
+        trailers = (
+            *grpc_status.trailing_metadata,
+            (REQUEST_ID_METADATA_KEY, state.request_id),
+        )
+        return grpc_status.code, grpc_status.details, trailers
+
+    def _status_for(self, exc: BaseException, state: _CallState, *, call_over: bool) -> Any:
         """The google.rpc.Status to send for `exc`, or None to let it through; unbinds."""
         try:
-            if self.map_errors and _stray_cancellation(exc, context):
-                exc = StrayCancellation(
-                    f"{self.method}: something the handler awaited was cancelled, not the call"
-                )
             # CancelledError, GeneratorExit and the like are BaseExceptions: not ours to map.
             if (
                 not self.map_errors
@@ -233,7 +301,7 @@ class _CallBoundary:
                 return None
             status = status_from_error(exc, request_id=state.request_id)
             self._log(exc, state.request_id)
-            if context.done() or context.cancelled():
+            if call_over:
                 return None  # a status was already sent, or the client is gone
             return status
         finally:
@@ -284,23 +352,49 @@ def _stray_cancellation(exc: BaseException, context: Any) -> bool:
     return task is not None and task.cancelling() == 0
 
 
+def _is_thread_abort(exc: BaseException, context: Any) -> bool:
+    """Whether `exc` is what a sync context's `abort` raises: a bare Exception, with the code
+    it set recorded on the context (grpc's sync server has no exception type of its own)."""
+    return (
+        type(exc) is Exception
+        and not exc.args
+        and isinstance(getattr(context, "code", _no_code)(), grpc.StatusCode)
+    )
+
+
+def _no_code() -> None:
+    return None
+
+
+class _AbortStatus(
+    collections.namedtuple("_AbortStatus", ("code", "details", "trailing_metadata")),
+    grpc.Status,  # type: ignore[misc]
+):
+    """The status a sync context's `abort_with_status` sends."""
+
+
 def _final_code_name(exc: BaseException | None, context: Any) -> str:
     """The status code name the client ends up with, as seen from inside the handler."""
-    if exc is None or isinstance(exc, grpc.aio.AbortError):
+    if exc is None or isinstance(exc, grpc.aio.AbortError) or _is_thread_abort(exc, context):
         code = context.code()
         if isinstance(code, grpc.StatusCode):
             return str(code.name)
         # abort() records the code; a handler that returned normally without set_code is OK.
         return "OK" if exc is None else "UNKNOWN"
     if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            return "DEADLINE_EXCEEDED"
-        return "CANCELLED"
+        return str(_cancelled_code(context).name)
     if isinstance(exc, RbeeError):
         return exc.kind.value
     # The error mapping (in this wrapper, or an ErrorInterceptor inside) makes it INTERNAL.
     return "INTERNAL"
+
+
+def _cancelled_code(context: Any) -> grpc.StatusCode:
+    """DEADLINE_EXCEEDED when the call's deadline has passed, else CANCELLED."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 class _WriteObservingContext:
@@ -410,3 +504,197 @@ def _wrap_stream_response(
         boundary.succeeded(context, state)
 
     return write
+
+
+# ---- the threaded server ------------------------------------------------------------------
+#
+# A service whose small reads must answer in a millisecond or two serves on grpc's sync server
+# (services.common.server.start_server with `handler_threads`): each call runs in a handler
+# thread, with no event-loop hop between grpc's completion queue and the handler. On this kind
+# of host (idle vCPUs halt) every thread that has to wake costs 0.1 to 0.5 ms at p99; the sync
+# server wakes one (the handler thread) where grpc.aio wakes the loop twice.
+
+
+class LoopBridge:
+    """Runs a threaded server's coroutine handlers on the service's event loop and waits for
+    them in the handler thread. The call's end (cancelled, deadline passed) cancels the
+    coroutine; the handler thread then sees asyncio.CancelledError. The request id bound in the
+    handler thread is the coroutine's too (the task copies the calling thread's context)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def run(self, awaitable: Awaitable[Any], context: Any) -> Any:
+        """The result of `awaitable`, run on the loop; raises what it raises."""
+        future = asyncio.run_coroutine_threadsafe(_awaited(awaitable), self._loop)
+        if not context.add_callback(future.cancel):  # the call is already over
+            future.cancel()
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise asyncio.CancelledError() from None
+
+
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+class ThreadedCallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """ServerCallInterceptor for grpc's sync server: the same metrics, request id and error
+    mapping, with handlers served in the server's handler threads.
+
+    Handlers may be plain functions (run in the handler thread), generators for response
+    streams (health's non-blocking Watch included), or coroutine functions for unary-unary
+    methods, which run on the service's event loop through `bridge` (they must not use the
+    context's async methods: the context is the sync one). Coroutine handlers of any other
+    kind fail with INTERNAL and a logged TypeError.
+    """
+
+    def __init__(self, metrics: GrpcServerMetrics | None, bridge: LoopBridge) -> None:
+        self._metrics = metrics
+        self._bridge = bridge
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        """The wrapped handler that serves this call (None for unknown methods stays None)."""
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method: str = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        boundary = _CallBoundary(
+            method,
+            self._metrics.for_method(method) if self._metrics is not None else None,
+            map_errors=True,
+        )
+        wrapped = _wrap_method_handler_in_thread(handler, boundary, self._bridge)
+        # A dict store is atomic: two threads racing on a method's first call both wrap it.
+        if len(self._wrapped) >= _MAX_WRAPPED_METHODS:
+            self._wrapped.clear()
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+
+def _wrap_method_handler_in_thread(
+    handler: grpc.RpcMethodHandler, boundary: _CallBoundary, bridge: LoopBridge
+) -> grpc.RpcMethodHandler:
+    """`_wrap_method_handler` for the threaded server."""
+    serializers = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": _response_serializer(handler.response_serializer),
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            _wrap_unary_in_thread(handler.unary_unary, boundary, bridge), **serializers
+        )
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(
+            _wrap_unary_in_thread(handler.stream_unary, boundary, None), **serializers
+        )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            _wrap_stream_in_thread(handler.unary_stream, boundary), **serializers
+        )
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_stream_in_thread(handler.stream_stream, boundary), **serializers
+        )
+    return handler
+
+
+def _not_for_threads(behavior: Callable[..., Any], what: str) -> TypeError:
+    name = getattr(behavior, "__qualname__", repr(behavior))
+    return TypeError(f"{name}: {what} cannot be served by a threaded server")
+
+
+def _wrap_unary_in_thread(
+    behavior: Callable[[Any, Any], Any], boundary: _CallBoundary, bridge: LoopBridge | None
+) -> Callable[[Any, Any], Any]:
+    def call(request_or_iterator: Any, context: Any) -> Any:
+        state = boundary.begin_in_thread(context, streaming=False)
+        try:
+            response = behavior(request_or_iterator, context)
+            if inspect.isawaitable(response):
+                if bridge is None:
+                    _close_awaitable(response)
+                    raise _not_for_threads(behavior, "a coroutine with a request stream")
+                response = bridge.run(response, context)
+        except BaseException as exc:
+            boundary.failed_in_thread(exc, context, state)
+            raise
+        boundary.succeeded(context, state)
+        return response
+
+    return call
+
+
+def _close_awaitable(awaitable: Any) -> None:
+    close = getattr(awaitable, "close", None)
+    if close is not None:
+        close()  # no "coroutine was never awaited" warning
+
+
+def _wrap_stream_in_thread(
+    behavior: Callable[..., Any], boundary: _CallBoundary
+) -> Callable[..., Any]:
+    if getattr(behavior, "experimental_non_blocking", False):
+        return _wrap_non_blocking_stream(behavior, boundary)
+
+    def generate(request_or_iterator: Any, context: Any) -> Iterator[Any]:
+        state = boundary.begin_in_thread(context, streaming=True)
+        try:
+            if inspect.isasyncgenfunction(behavior) or inspect.iscoroutinefunction(behavior):
+                raise _not_for_threads(behavior, "an async response stream")
+            for response in behavior(request_or_iterator, context):
+                boundary.message_sent()
+                yield response
+        except BaseException as exc:
+            boundary.failed_in_thread(exc, context, state)
+            raise
+        boundary.succeeded(context, state)
+
+    return generate
+
+
+def _wrap_non_blocking_stream(
+    behavior: Callable[..., Any], boundary: _CallBoundary
+) -> Callable[..., Any]:
+    """A stream whose handler returns at once and sends later through a callback (grpc's
+    experimental non-blocking handlers: health's Watch). The call is counted when it ends."""
+
+    def start(request: Any, context: Any, send_response_callback: Any = None) -> Any:
+        state = boundary.begin_in_thread(context, streaming=True)
+
+        def send(response: Any) -> None:
+            if response is not None:  # None ends the stream
+                boundary.message_sent()
+            send_response_callback(response)
+
+        def ended() -> None:
+            code = context.code()
+            boundary.ended_in_thread(
+                code if isinstance(code, grpc.StatusCode) else _cancelled_code(context), state
+            )
+
+        try:
+            result = behavior(request, context, send if send_response_callback else None)
+        except BaseException as exc:
+            boundary.failed_in_thread(exc, context, state)
+            raise
+        if state.token is not None:
+            unbind_request_id(state.token)
+        if not context.add_callback(ended):
+            ended()
+        return result
+
+    start.experimental_non_blocking = True  # type: ignore[attr-defined]
+    start.experimental_thread_pool = getattr(  # type: ignore[attr-defined]
+        behavior, "experimental_thread_pool", None
+    )
+    return start

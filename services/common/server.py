@@ -11,6 +11,12 @@ only when the caller says it is ready. Stopping is a sequence: NOT_SERVING, `ser
 (in-flight RPCs may finish), the metrics endpoint goes down, then the `on_stop` callbacks run
 (unload models, close stores), last registered first.
 
+Threads: `handler_threads=N` serves on grpc's sync server instead, its handlers in N threads
+(services.common.interceptors.ThreadedCallInterceptor): plain-function handlers run in those
+threads with no event-loop hop, which is what a service of sub-millisecond reads wants (the
+catalog); coroutine handlers of unary methods still run on the calling event loop. Everything
+else (health, reflection, InfoService, auth, metrics, the stop sequence) is the same.
+
 Access (services.common.auth): `security=ServerSecurity(...)` (from `settings.server_security()`)
 turns on the bearer-token check for every method (health and reflection as configured) and TLS
 or mutual TLS on the gRPC port. A server that listens on a non-loopback host with no token logs
@@ -27,6 +33,7 @@ import logging
 import signal
 import threading
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,13 +48,16 @@ from services.common.auth import (
     AuthInterceptor,
     AuthMetrics,
     ServerSecurity,
+    ThreadedAuthInterceptor,
     is_loopback_host,
 )
 from services.common.info import INFO_SERVICE_NAME, InfoServicer
 from services.common.interceptors import (
     ErrorInterceptor,
+    LoopBridge,
     MetricsInterceptor,
     ServerCallInterceptor,
+    ThreadedCallInterceptor,
 )
 from services.common.metrics import GrpcServerMetrics
 from services.common.settings import parse_host_port
@@ -68,16 +78,19 @@ class ServiceBinding:
     """One gRPC service to mount on the server."""
 
     # e.g. catalog_pb2_grpc.add_CatalogServiceServicer_to_server
-    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    add_to_server: Callable[[Any, Any], None]  # takes a grpc.aio.Server or a grpc.Server
     servicer: Any
     # e.g. "rbee.catalog.v1.CatalogService": the name health and reflection report
     full_name: str
+    # True for a servicer with plain-function handlers that block (start_server refuses to
+    # mount it without handler_threads: on the event loop they would stall every other call)
+    needs_threads: bool = False
 
 
 def generic_binding(full_name: str, handlers: dict[str, grpc.RpcMethodHandler]) -> ServiceBinding:
     """A ServiceBinding from plain method handlers (no generated code), e.g. for tests."""
 
-    def add_to_server(_servicer: Any, server: grpc.aio.Server) -> None:
+    def add_to_server(_servicer: Any, server: Any) -> None:
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(full_name, handlers),)
         )
@@ -102,8 +115,8 @@ class RunningServer:
 
     port: int
     metrics_port: int | None
-    server: grpc.aio.Server
-    health: health.aio.HealthServicer
+    server: grpc.aio.Server | grpc.Server  # grpc.Server: a threaded server
+    health: health.aio.HealthServicer | health.HealthServicer
     registry: CollectorRegistry
     service_names: tuple[str, ...]
     _metrics_endpoint: _MetricsEndpoint | None = None
@@ -132,8 +145,11 @@ class RunningServer:
         self._stop_started.set()
         logger.info("stopping: health NOT_SERVING, %.1f s grace for in-flight RPCs", grace)
         # Freezes every status at NOT_SERVING so that nothing flips it back during shutdown.
-        await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        if isinstance(self.health, health.aio.HealthServicer):
+            await self.health.enter_graceful_shutdown()
+        else:
+            self.health.enter_graceful_shutdown()
+        await _stop_grpc_server(self.server, grace)
         if self._metrics_endpoint is not None:
             await asyncio.to_thread(self._metrics_endpoint.close)
         for callback in reversed(self._on_stop):
@@ -152,7 +168,22 @@ class RunningServer:
 
     async def _set_health(self, status: int) -> None:
         for name in (OVERALL_HEALTH, *self.service_names):
-            await self.health.set(name, status)
+            if isinstance(self.health, health.aio.HealthServicer):
+                await self.health.set(name, status)
+            else:
+                self.health.set(name, status)
+
+
+async def _stop_grpc_server(server: grpc.aio.Server | grpc.Server, grace: float | None) -> None:
+    """`server.stop(grace)`, waiting for it; a threaded server's handler threads go too."""
+    if isinstance(server, grpc.aio.Server):
+        await server.stop(grace)
+        return
+    stopped = server.stop(grace)
+    await asyncio.to_thread(stopped.wait)
+    executor = getattr(server, "rbee_executor", None)
+    if executor is not None:
+        executor.shutdown(wait=False)
 
 
 # Young-generation threshold while serving (CPython's default is 700).
@@ -183,39 +214,39 @@ async def start_server(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     security: ServerSecurity | None = None,
+    handler_threads: int | None = None,
 ) -> RunningServer:
     """Build, bind and start a server; health is NOT_SERVING until `set_serving()`.
 
     `listen` and `metrics_listen` are "host:port" (port 0: ephemeral; the real ports are on the
     result). `metrics_listen=None` serves no /metrics endpoint. `security` (default: none)
-    sets the bearer token and TLS. Raises ListenError when an address cannot be bound.
+    sets the bearer token and TLS. `handler_threads` (default: none) serves on a threaded
+    server (see the module docstring); it takes no `extra_interceptors`. Raises ListenError
+    when an address cannot be bound.
     """
     registry = registry if registry is not None else CollectorRegistry()
     security = security if security is not None else NO_SERVER_SECURITY
     listen_host, _ = parse_host_port(listen)  # a clear ValueError before grpc's terse one
     metrics_address = parse_host_port(metrics_listen) if metrics_listen is not None else None
 
-    # Metrics outside the error mapping so it counts the status the mapping produced; auth
-    # innermost, so a refused call is mapped (ErrorInfo, request id), logged and counted like
-    # any other. Without extra interceptors both are one wrapper (ServerCallInterceptor: one
-    # layer per call instead of two); extra ones go between metrics and the error mapping.
+    if handler_threads is not None and (handler_threads < 1 or extra_interceptors):
+        raise ValueError("handler_threads must be at least 1, and takes no extra interceptors")
+    unthreaded = [b.full_name for b in bindings if b.needs_threads and handler_threads is None]
+    if unthreaded:
+        raise ValueError(f"{', '.join(unthreaded)} must be served with handler_threads")
+
     metrics = GrpcServerMetrics(registry)
-    interceptors: list[grpc.aio.ServerInterceptor] = (
-        [MetricsInterceptor(metrics), *extra_interceptors, ErrorInterceptor()]
-        if extra_interceptors
-        else [ServerCallInterceptor(metrics)]
-    )
-    if security.token:
-        interceptors.append(AuthInterceptor(security, AuthMetrics(registry)))
-    server = grpc.aio.server(
-        interceptors=interceptors,
-        options=[
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            # A second server on the same port must fail, not share the port silently.
-            ("grpc.so_reuseport", 0),
-        ],
-    )
+    options = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # A second server on the same port must fail, not share the port silently.
+        ("grpc.so_reuseport", 0),
+    ]
+    server: grpc.aio.Server | grpc.Server
+    if handler_threads is None:
+        server = _event_loop_server(metrics, registry, options, extra_interceptors, security)
+    else:
+        server = _threaded_server(metrics, registry, options, handler_threads, security)
     service_names = tuple(binding.full_name for binding in bindings)
     for binding in bindings:
         binding.add_to_server(binding.servicer, server)
@@ -223,10 +254,17 @@ async def start_server(
     info_servicer = InfoServicer(service_names, auth_required=bool(security.token))
     info_pb2_grpc.add_InfoServiceServicer_to_server(info_servicer, server)
 
-    health_servicer = health.aio.HealthServicer()
+    health_servicer: health.aio.HealthServicer | health.HealthServicer
+    if isinstance(server, grpc.aio.Server):
+        health_servicer = health.aio.HealthServicer()
+        for name in (OVERALL_HEALTH, *service_names):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    else:
+        # Non-blocking Watch (the default): a watcher holds no handler thread.
+        health_servicer = health.HealthServicer()
+        for name in (OVERALL_HEALTH, *service_names):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in (OVERALL_HEALTH, *service_names):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection(
         (*service_names, INFO_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
     )
@@ -234,16 +272,19 @@ async def start_server(
     try:
         port = _bind(server, listen, security)
     except ListenError:
-        await server.stop(None)
+        await _stop_grpc_server(server, None)
         raise
-    await server.start()
+    if isinstance(server, grpc.aio.Server):
+        await server.start()
+    else:
+        server.start()
     metrics_endpoint: _MetricsEndpoint | None = None
     metrics_port: int | None = None
     if metrics_address is not None:
         try:
             metrics_endpoint = _start_metrics_endpoint(metrics_address, registry)
         except ListenError:
-            await server.stop(None)
+            await _stop_grpc_server(server, None)
             raise
         metrics_port = int(metrics_endpoint.http_server.server_address[1])
         metrics_host = metrics_address[0]
@@ -276,6 +317,46 @@ async def start_server(
     )
 
 
+def _event_loop_server(
+    metrics: GrpcServerMetrics,
+    registry: CollectorRegistry,
+    options: list[tuple[str, Any]],
+    extra_interceptors: Sequence[grpc.aio.ServerInterceptor],
+    security: ServerSecurity,
+) -> grpc.aio.Server:
+    # Metrics outside the error mapping so it counts the status the mapping produced; auth
+    # innermost, so a refused call is mapped (ErrorInfo, request id), logged and counted like
+    # any other. Without extra interceptors both are one wrapper (ServerCallInterceptor: one
+    # layer per call instead of two); extra ones go between metrics and the error mapping.
+    interceptors: list[grpc.aio.ServerInterceptor] = (
+        [MetricsInterceptor(metrics), *extra_interceptors, ErrorInterceptor()]
+        if extra_interceptors
+        else [ServerCallInterceptor(metrics)]
+    )
+    if security.token:
+        interceptors.append(AuthInterceptor(security, AuthMetrics(registry)))
+    return grpc.aio.server(interceptors=interceptors, options=options)
+
+
+def _threaded_server(
+    metrics: GrpcServerMetrics,
+    registry: CollectorRegistry,
+    options: list[tuple[str, Any]],
+    handler_threads: int,
+    security: ServerSecurity,
+) -> grpc.Server:
+    # The same layering as the event-loop server: the call wrapper outside, auth inside it.
+    interceptors: list[grpc.ServerInterceptor] = [
+        ThreadedCallInterceptor(metrics, LoopBridge(asyncio.get_running_loop()))
+    ]
+    if security.token:
+        interceptors.append(ThreadedAuthInterceptor(security, AuthMetrics(registry)))
+    executor = ThreadPoolExecutor(max_workers=handler_threads, thread_name_prefix="grpc-handler")
+    server = grpc.server(executor, interceptors=interceptors, options=options)
+    server.rbee_executor = executor  # shut down with the server (_stop_grpc_server)
+    return server
+
+
 async def serve_until_signal(running: RunningServer, *, grace: float) -> None:
     """Serve until SIGTERM or SIGINT (or until something else stops it), then stop(grace)."""
     loop = asyncio.get_running_loop()
@@ -301,7 +382,7 @@ async def serve_until_signal(running: RunningServer, *, grace: float) -> None:
     await running.stop(grace)
 
 
-def _bind(server: grpc.aio.Server, listen: str, security: ServerSecurity) -> int:
+def _bind(server: grpc.aio.Server | grpc.Server, listen: str, security: ServerSecurity) -> int:
     try:
         if security.uses_tls:
             port = server.add_secure_port(listen, security.server_credentials())

@@ -9,14 +9,14 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from rbee.catalog.v1 import catalog_pb2_grpc
 from services.catalog.domain import DeviceKind
 from services.catalog.message_cache import ProtobufModelEncoder
 from services.catalog.service import CatalogService, HostInfo
-from services.catalog.servicer import CatalogServicer
+from services.catalog.servicer import CatalogServicer, catalog_binding
+from services.catalog.settings import DEFAULT_HANDLER_THREADS
 from services.catalog.store import CatalogStore
 from services.catalog.worker_types import WorkerTypeRegistry
-from services.common.server import RunningServer, ServiceBinding, start_server
+from services.common.server import RunningServer, start_server
 from tests.integration.server_harness import serve_in_thread
 
 SERVICE_NAME = "rbee.catalog.v1.CatalogService"
@@ -40,16 +40,11 @@ def running_catalog(home: Path, *, host: HostInfo | None = None) -> Iterator[Cat
         store = CatalogStore.open(home / "catalog" / "catalog.db", encoder=ProtobufModelEncoder())
         service = CatalogService(store, WorkerTypeRegistry(), host=hive)
         running = await start_server(
-            [
-                ServiceBinding(
-                    catalog_pb2_grpc.add_CatalogServiceServicer_to_server,
-                    CatalogServicer(service),
-                    SERVICE_NAME,
-                )
-            ],
+            [catalog_binding(CatalogServicer(service))],
             listen="127.0.0.1:0",
             metrics_listen="127.0.0.1:0",
             registry=CollectorRegistry(),
+            handler_threads=DEFAULT_HANDLER_THREADS,
         )
         running.on_stop(service.close)
         await running.set_serving()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,10 +40,11 @@ from services.catalog.domain import (
 )
 from services.catalog.message_cache import MODEL_ENCODING, ModelMessageCache
 from services.catalog.service import CatalogService, HostInfo, ModelDraft
-from services.catalog.servicer import CatalogServicer
+from services.catalog.servicer import CatalogServicer, catalog_binding
+from services.catalog.settings import DEFAULT_HANDLER_THREADS
 from services.catalog.store import CatalogStore
 from services.catalog.worker_types import WorkerTypeRegistry
-from services.common.server import RunningServer, ServiceBinding, start_server
+from services.common.server import RunningServer, start_server
 from tests.fixtures.gguf_models import (
     LLAMA3_8B,
     write_header_only_gguf,
@@ -552,6 +554,77 @@ def test_every_write_is_visible_at_once_through_the_cache(
     assert list(stub.ListModels(pb.ListModelsRequest(), timeout=5).models) == [recreated]
 
 
+def test_reads_in_handler_threads_racing_writes_never_go_back_a_version(
+    stub: catalog_pb2_grpc.CatalogServiceStub, tmp_path: Path
+) -> None:
+    # GetModel and ListModels run in the server's handler threads (GetModel reads the store
+    # right there) while writes go through the event loop and the db thread: each reader must
+    # only ever see whole versions, in the order they were written, and the last one at the end.
+    path = write_tiny_llama_gguf(tmp_path / "m.gguf", n_ctx=256)
+    stub.CreateModel(
+        pb.CreateModelRequest(
+            model_id="raced",
+            model=pb.Model(
+                source=pb.ModelSource(kind=pb.SOURCE_KIND_LOCAL),
+                paths=[str(path)],
+                labels={"n": "0"},
+                display_name="v0",
+            ),
+        ),
+        timeout=5,
+    )
+    writes = 40
+    done = threading.Event()
+    seen: dict[str, list[int]] = {}
+    problems: list[str] = []
+
+    def read(kind: str, reader: int) -> None:
+        try:
+            read_until_done(kind, seen.setdefault(f"{kind} {reader}", []))
+        except Exception as exc:  # a failed read fails the test, not just its thread
+            problems.append(f"{kind}: {exc!r}")
+
+    def read_until_done(kind: str, versions: list[int]) -> None:
+        while not done.is_set():
+            if kind == "get":
+                models = [stub.GetModel(pb.GetModelRequest(name="models/raced"), timeout=5)]
+            else:
+                models = list(stub.ListModels(pb.ListModelsRequest(), timeout=5).models)
+            for model in models:
+                n = int(model.labels["n"])
+                if model.display_name != f"v{n}":
+                    problems.append(f"{kind}: labels of v{n} with {model.display_name}")
+                if versions and n < versions[-1]:
+                    problems.append(f"{kind}: v{n} after v{versions[-1]}")
+                versions.append(n)
+
+    readers = [
+        threading.Thread(target=read, args=(kind, index))
+        for index, kind in enumerate(("get", "get", "list"))
+    ]
+    for reader in readers:
+        reader.start()
+    try:
+        for n in range(1, writes + 1):
+            stub.UpdateModel(
+                pb.UpdateModelRequest(
+                    model=pb.Model(name="models/raced", display_name=f"v{n}", labels={"n": str(n)}),
+                    update_mask=FieldMask(paths=["display_name", "labels"]),
+                ),
+                timeout=5,
+            )
+    finally:
+        done.set()
+        for reader in readers:
+            reader.join(timeout=30)
+
+    assert problems == []
+    assert all(versions for versions in seen.values())
+    final = stub.GetModel(pb.GetModelRequest(name="models/raced"), timeout=5)
+    assert (final.display_name, final.labels["n"]) == (f"v{writes}", str(writes))
+    assert list(stub.ListModels(pb.ListModelsRequest(), timeout=5).models) == [final]
+
+
 @contextmanager
 def catalog_server_with(home: Path, **servicer_options: Any) -> Iterator[tuple[str, CatalogStore]]:
     """A catalog server whose CatalogServicer gets `servicer_options` (its caches); yields its
@@ -561,16 +634,11 @@ def catalog_server_with(home: Path, **servicer_options: Any) -> Iterator[tuple[s
     async def build() -> tuple[RunningServer, None]:
         service = CatalogService(store, WorkerTypeRegistry(), host=HostInfo("linux", "x86_64"))
         running = await start_server(
-            [
-                ServiceBinding(
-                    catalog_pb2_grpc.add_CatalogServiceServicer_to_server,
-                    CatalogServicer(service, **servicer_options),
-                    "rbee.catalog.v1.CatalogService",
-                )
-            ],
+            [catalog_binding(CatalogServicer(service, **servicer_options))],
             listen="127.0.0.1:0",
             metrics_listen=None,
             registry=CollectorRegistry(),
+            handler_threads=DEFAULT_HANDLER_THREADS,
         )
         running.on_stop(service.close)
         await running.set_serving()

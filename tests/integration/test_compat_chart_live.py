@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from rbee.catalog.v1 import catalog_pb2_grpc
 from rbee_client.cli.chart import build_chart_parser, cmd_compat_chart
 from services.catalog.domain import DeviceKind
 from services.catalog.llm_architectures import ArchitectureList
 from services.catalog.service import CatalogService, HostInfo
-from services.catalog.servicer import CatalogServicer
+from services.catalog.servicer import CatalogServicer, catalog_binding
+from services.catalog.settings import DEFAULT_HANDLER_THREADS
 from services.catalog.store import CatalogStore
 from services.catalog.worker_types import WorkerTypeRegistry
-from services.common.server import RunningServer, ServiceBinding, start_server
-from tests.integration.catalog_harness import SERVICE_NAME, running_catalog
+from services.common.server import RunningServer, start_server
+from tests.integration.catalog_harness import running_catalog
 from tests.integration.server_harness import serve_in_thread
 
 pytestmark = pytest.mark.integration
@@ -39,16 +39,11 @@ def catalog_with_registry(home: Path, registry: WorkerTypeRegistry) -> Iterator[
             store, registry, host=HostInfo("linux", "x86_64", frozenset({DeviceKind.CPU}))
         )
         running = await start_server(
-            [
-                ServiceBinding(
-                    catalog_pb2_grpc.add_CatalogServiceServicer_to_server,
-                    CatalogServicer(service),
-                    SERVICE_NAME,
-                )
-            ],
+            [catalog_binding(CatalogServicer(service))],
             listen="127.0.0.1:0",
             metrics_listen="127.0.0.1:0",
             registry=CollectorRegistry(),
+            handler_threads=DEFAULT_HANDLER_THREADS,
         )
         running.on_stop(service.close)
         await running.set_serving()

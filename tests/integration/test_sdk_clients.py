@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from rbee.catalog.v1 import catalog_pb2_grpc
 from rbee.worker.v1 import generation_pb2 as gen
 from rbee.worker.v1 import image_pb2 as img
 from rbee.worker.v1 import pool_pb2, worker_pb2
@@ -39,10 +38,11 @@ from rbee_client import (
 from rbee_client.calls import NO_RETRY
 from services.catalog.domain import DeviceKind, Model, ModelState, Verdict
 from services.catalog.service import CatalogService, HostInfo
-from services.catalog.servicer import CatalogServicer
+from services.catalog.servicer import CatalogServicer, catalog_binding
+from services.catalog.settings import DEFAULT_HANDLER_THREADS
 from services.catalog.store import CatalogStore
 from services.catalog.worker_types import WorkerTypeRegistry
-from services.common.server import RunningServer, ServiceBinding, start_server
+from services.common.server import RunningServer, start_server
 from services.worker.engines.fake import FakeEngine
 from services.worker.pool.__main__ import start_pool
 from services.worker.pool.settings import PoolSettings
@@ -186,16 +186,11 @@ def late_catalog(tmp_path: Path) -> Iterator[tuple[str, threading.Event]]:
         host = HostInfo("linux", "x86_64", frozenset({DeviceKind.CPU}))
         service = CatalogService(store, WorkerTypeRegistry(), host=host)
         running = await start_server(
-            [
-                ServiceBinding(
-                    catalog_pb2_grpc.add_CatalogServiceServicer_to_server,
-                    CatalogServicer(service),
-                    CATALOG_SERVICE,
-                )
-            ],
+            [catalog_binding(CatalogServicer(service))],
             listen=f"127.0.0.1:{port}",
             metrics_listen=None,
             registry=CollectorRegistry(),
+            handler_threads=DEFAULT_HANDLER_THREADS,
         )
         running.on_stop(service.close)
         await running.set_serving()
