@@ -49,13 +49,14 @@ async def start_catalog(
         WorkerTypeRegistry(),
         host=HostInfo(plat, machine, detect_device_kinds(plat, machine)),
     )
+    threads = settings.handler_threads or None  # 0: the event-loop server
     running = await start_server(
-        [catalog_binding(CatalogServicer(service))],
+        [catalog_binding(CatalogServicer(service, threaded=threads is not None))],
         listen=settings.listen,
         metrics_listen=settings.metrics_listen,
         registry=registry,
         security=settings.server_security(),
-        handler_threads=settings.handler_threads,
+        handler_threads=threads,
     )
     running.on_stop(service.close)
     backfill = asyncio.ensure_future(_backfill_encodings(service))

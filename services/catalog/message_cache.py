@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -139,7 +140,7 @@ class CompatibilityResponseCache:
     Correct only while evaluation depends on nothing but the stored model version and the
     request (today: its metadata and state, the request's options and the process's fixed
     worker types); the caller also checks that the version did not change while it evaluated.
-    Used from the event loop thread only (the inner dicts are not locked).
+    Thread-safe (one lock around each operation).
     """
 
     def __init__(
@@ -151,6 +152,7 @@ class CompatibilityResponseCache:
             raise ValueError(f"requests_per_model must be at least 1, got {requests_per_model}")
         self._versions: ModelVersionCache[dict[bytes, bytes]] = ModelVersionCache(max_models)
         self._per_model = requests_per_model
+        self._lock = threading.Lock()  # around each model's dict of responses
 
     @property
     def versions(self) -> ModelVersionCache[dict[bytes, bytes]]:
@@ -160,18 +162,22 @@ class CompatibilityResponseCache:
     def get(self, record: ModelRecord, request_key: bytes) -> bytes | None:
         """The cached response for this version and request, or None."""
         responses = self._versions.get(record.id, record.etag)
-        return responses.get(request_key) if responses is not None else None
+        if responses is None:
+            return None
+        with self._lock:
+            return responses.get(request_key)
 
     def put(self, record: ModelRecord, request_key: bytes, wire: bytes) -> None:
         """Remember the response for this version and request (oldest request dropped past
         the per-model bound)."""
-        responses = self._versions.get(record.id, record.etag)
-        if responses is None:
-            responses = {}
-            self._versions.put(record.id, record.etag, responses)
-        responses[request_key] = wire
-        while len(responses) > self._per_model:
-            del responses[next(iter(responses))]
+        with self._lock:
+            responses = self._versions.get(record.id, record.etag)
+            if responses is None:
+                responses = {}
+                self._versions.put(record.id, record.etag, responses)
+            responses[request_key] = wire
+            while len(responses) > self._per_model:
+                del responses[next(iter(responses))]
 
     def discard(self, model_id: str) -> None:
         """Drop the model's cached responses (after a write; frees memory early)."""

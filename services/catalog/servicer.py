@@ -5,16 +5,20 @@ GetModel, ListModels and EvaluateCompatibility (of a stored model) answer with c
 serialized messages (`EncodedResponse`, see message_cache), so the servicer must be mounted
 through services.common.server.start_server, whose interceptor sends those bytes as they are.
 
-The catalog serves on a threaded server (`catalog_binding`, `handler_threads`): GetModel and
-ListModels are plain functions answered in the handler thread (GetModel reads the store right
-there; ListModels waits for the db thread), with no event-loop hop; every other method is a
-coroutine run on the event loop, as before. Measured with bench/catalog.py at 100,000 models,
-see BENCHMARKS.md ("The catalog on a threaded server").
+The catalog serves on a threaded server by default (`handler_threads`, see
+services.common.server): the cheap reads run in the handler thread with no event-loop hop
+(GetModel reads the store right there; ListModels waits for the db thread; EvaluateCompatibility
+answers a cached evaluation there), and everything else is a coroutine run on the event loop.
+A plain-function handler here may return a coroutine to finish on the loop (the server's
+wrapper runs it there): EvaluateCompatibility does on a cache miss. With `threaded=False` the
+same servicer serves on a grpc.aio server (RBEE_CATALOG_HANDLER_THREADS=0). Measured with
+bench/catalog.py and bench/rpc_cost.py, see BENCHMARKS.md ("The catalog on a threaded server").
 """
 
 from __future__ import annotations
 
 import base64
+from collections.abc import Coroutine
 from typing import Any
 
 from google.protobuf.empty_pb2 import Empty
@@ -25,6 +29,7 @@ from services.catalog import convert
 from services.catalog.message_cache import CompatibilityResponseCache, ModelMessageCache
 from services.catalog.pagination import normalize_page_size
 from services.catalog.service import CatalogService
+from services.catalog.store import ModelRecord
 from services.common.errors import InvalidArgument, RbeeError
 from services.common.interceptors import EncodedResponse
 from services.common.server import ServiceBinding
@@ -43,8 +48,11 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         *,
         messages: ModelMessageCache | None = None,
         compat: CompatibilityResponseCache | None = None,
+        threaded: bool = True,
     ) -> None:
         self._service = service
+        # Served by a threaded server: ListModels may block its handler thread on the db thread.
+        self._threaded = threaded
         # GetModel and ListModels serve stored versions (id, etag) through this cache: a model
         # is parsed and converted once per version, not once per read (see message_cache).
         self._messages = messages if messages is not None else ModelMessageCache()
@@ -52,7 +60,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
 
     # The three cached reads return EncodedResponse, which the generated stubs' types do not
     # know of (hence the ignores): the server's interceptor sends its bytes as the message.
-    # GetModel and ListModels run in the threaded server's handler threads (see above).
+    # They are plain functions: on a threaded server they run in the handler thread.
     def GetModel(  # type: ignore[override]
         self, request: pb.GetModelRequest, context: Context
     ) -> EncodedResponse:
@@ -61,10 +69,21 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
 
     def ListModels(  # type: ignore[override]
         self, request: pb.ListModelsRequest, context: Context
-    ) -> EncodedResponse:
+    ) -> EncodedResponse | Coroutine[Any, Any, EncodedResponse]:
+        if not self._threaded:
+            return self._list_on_the_loop(request)  # never block the event loop
         records, token, total = self._service.read_model_records(
             filter_text=request.filter, page_size=request.page_size, page_token=request.page_token
         )
+        return self._page(records, token, total)
+
+    async def _list_on_the_loop(self, request: pb.ListModelsRequest) -> EncodedResponse:
+        records, token, total = await self._service.list_model_records(
+            filter_text=request.filter, page_size=request.page_size, page_token=request.page_token
+        )
+        return self._page(records, token, total)
+
+    def _page(self, records: list[ModelRecord], token: str, total: int) -> EncodedResponse:
         return EncodedResponse(
             self._messages.list_response_wire(records, next_page_token=token, total_size=total)
         )
@@ -162,26 +181,31 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         await self._service.delete_install(request.name, allow_missing=request.allow_missing)
         return Empty()
 
-    async def EvaluateCompatibility(  # type: ignore[override]
+    def EvaluateCompatibility(  # type: ignore[override]
         self, request: pb.EvaluateCompatibilityRequest, context: Context
-    ) -> pb.EvaluateCompatibilityResponse | EncodedResponse:
+    ) -> EncodedResponse | Coroutine[Any, Any, pb.EvaluateCompatibilityResponse]:
         if request.WhichOneof("subject") != "model":
-            return await self._evaluate(request)
+            return self._evaluate(request)
         try:
-            record = await self._service.get_model_record(request.model)
+            record = self._service.read_model_record(request.model)
         except RbeeError:
             # Not cacheable; the full path raises the error the service raises (it checks the
             # options before it reads the model, so which error comes first is its call).
-            return await self._evaluate(request)
+            return self._evaluate(request)
         key = request.SerializeToString(deterministic=True)
         cached = self._compat.get(record, key)
         if cached is not None:
             return EncodedResponse(cached)
+        return self._evaluate_and_keep(request, record, key)
+
+    async def _evaluate_and_keep(
+        self, request: pb.EvaluateCompatibilityRequest, record: ModelRecord, key: bytes
+    ) -> pb.EvaluateCompatibilityResponse:
         response = await self._evaluate(request)
-        # Kept only when the model did not change while it was evaluated: every write gives a
-        # new etag, so the same etag after means the evaluation read exactly this version.
+        # Kept only when the model did not change while it was evaluated: every write gives
+        # a new etag, so the same etag after means the evaluation read exactly this version.
         try:
-            unchanged = (await self._service.get_model_record(request.model)).etag == record.etag
+            unchanged = self._service.read_model_record(request.model).etag == record.etag
         except RbeeError:
             unchanged = False  # deleted meanwhile: answer, but keep nothing
         if unchanged:
@@ -233,12 +257,9 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
 
 
 def catalog_binding(servicer: CatalogServicer) -> ServiceBinding:
-    """The servicer as start_server mounts it (with `handler_threads`: it needs them)."""
+    """The servicer as start_server mounts it."""
     return ServiceBinding(
-        catalog_pb2_grpc.add_CatalogServiceServicer_to_server,
-        servicer,
-        SERVICE_NAME,
-        needs_threads=True,
+        catalog_pb2_grpc.add_CatalogServiceServicer_to_server, servicer, SERVICE_NAME
     )
 
 

@@ -82,9 +82,6 @@ class ServiceBinding:
     servicer: Any
     # e.g. "rbee.catalog.v1.CatalogService": the name health and reflection report
     full_name: str
-    # True for a servicer with plain-function handlers that block (start_server refuses to
-    # mount it without handler_threads: on the event loop they would stall every other call)
-    needs_threads: bool = False
 
 
 def generic_binding(full_name: str, handlers: dict[str, grpc.RpcMethodHandler]) -> ServiceBinding:
@@ -231,9 +228,6 @@ async def start_server(
 
     if handler_threads is not None and (handler_threads < 1 or extra_interceptors):
         raise ValueError("handler_threads must be at least 1, and takes no extra interceptors")
-    unthreaded = [b.full_name for b in bindings if b.needs_threads and handler_threads is None]
-    if unthreaded:
-        raise ValueError(f"{', '.join(unthreaded)} must be served with handler_threads")
 
     metrics = GrpcServerMetrics(registry)
     options = [

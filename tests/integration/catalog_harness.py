@@ -31,20 +31,24 @@ class CatalogServer:
 
 
 @contextmanager
-def running_catalog(home: Path, *, host: HostInfo | None = None) -> Iterator[CatalogServer]:
-    """Start the catalog (store under `home`) and stop it on exit, bounded in time."""
+def running_catalog(
+    home: Path, *, host: HostInfo | None = None, handler_threads: int = DEFAULT_HANDLER_THREADS
+) -> Iterator[CatalogServer]:
+    """Start the catalog (store under `home`) and stop it on exit, bounded in time.
+    `handler_threads=0` serves it on the event loop (RBEE_CATALOG_HANDLER_THREADS=0)."""
     hive = host or HostInfo("linux", "x86_64", frozenset({DeviceKind.CPU, DeviceKind.CUDA}))
 
     async def build() -> tuple[RunningServer, None]:
         # As the catalog opens it (services.catalog.__main__): models keep their encodings.
         store = CatalogStore.open(home / "catalog" / "catalog.db", encoder=ProtobufModelEncoder())
         service = CatalogService(store, WorkerTypeRegistry(), host=hive)
+        threads = handler_threads or None
         running = await start_server(
-            [catalog_binding(CatalogServicer(service))],
+            [catalog_binding(CatalogServicer(service, threaded=threads is not None))],
             listen="127.0.0.1:0",
             metrics_listen="127.0.0.1:0",
             registry=CollectorRegistry(),
-            handler_threads=DEFAULT_HANDLER_THREADS,
+            handler_threads=threads,
         )
         running.on_stop(service.close)
         await running.set_serving()

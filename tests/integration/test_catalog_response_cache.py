@@ -21,6 +21,7 @@ from rbee.catalog.v1 import catalog_pb2_grpc
 from services.catalog import convert
 from services.catalog.domain import ModelState
 from services.catalog.message_cache import CompatibilityResponseCache
+from services.catalog.settings import DEFAULT_HANDLER_THREADS
 from services.catalog.store import CatalogStore
 from tests.fixtures.gguf_models import write_tiny_llama_gguf
 from tests.integration.server_harness import error_reason
@@ -29,15 +30,20 @@ from tests.integration.test_catalog_server import catalog_server_with
 pytestmark = pytest.mark.integration
 
 TIMEOUT_S = 5.0
+# The threaded server (the default; the cached answers come from handler threads) and the
+# event loop (RBEE_CATALOG_HANDLER_THREADS=0).
+BOTH_SERVERS = pytest.mark.parametrize(
+    "threads", [DEFAULT_HANDLER_THREADS, 0], ids=["threaded", "event-loop"]
+)
 
 
 @contextmanager
 def catalog_with(
-    home: Path, compat: CompatibilityResponseCache
+    home: Path, compat: CompatibilityResponseCache, threads: int
 ) -> Iterator[tuple[catalog_pb2_grpc.CatalogServiceStub, CatalogStore]]:
     """A catalog server whose servicer uses `compat`; yields a stub and the server's store."""
     with (
-        catalog_server_with(home, compat=compat) as (address, store),
+        catalog_server_with(home, handler_threads=threads, compat=compat) as (address, store),
         grpc.insecure_channel(address) as channel,
     ):
         yield catalog_pb2_grpc.CatalogServiceStub(channel), store
@@ -53,9 +59,10 @@ def register(stub: catalog_pb2_grpc.CatalogServiceStub, path: Path, model_id: st
     )
 
 
-def test_compatibility_is_cached_per_version_and_request(tmp_path: Path) -> None:
+@BOTH_SERVERS
+def test_compatibility_is_cached_per_version_and_request(tmp_path: Path, threads: int) -> None:
     compat = CompatibilityResponseCache()
-    with catalog_with(tmp_path / "home", compat) as (stub, store):
+    with catalog_with(tmp_path / "home", compat, threads) as (stub, store):
         register(stub, write_tiny_llama_gguf(tmp_path / "tiny.gguf"), "tiny")
         default = pb.EvaluateCompatibilityRequest(model="models/tiny")
         short = pb.EvaluateCompatibilityRequest(model="models/tiny", context_length=128)
@@ -84,8 +91,9 @@ def test_compatibility_is_cached_per_version_and_request(tmp_path: Path) -> None
         assert gone.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_compatibility_errors_come_in_the_same_order(tmp_path: Path) -> None:
-    with catalog_with(tmp_path / "home", CompatibilityResponseCache()) as (stub, _store):
+@BOTH_SERVERS
+def test_compatibility_errors_come_in_the_same_order(tmp_path: Path, threads: int) -> None:
+    with catalog_with(tmp_path / "home", CompatibilityResponseCache(), threads) as (stub, _store):
         register(stub, write_tiny_llama_gguf(tmp_path / "tiny.gguf"), "tiny")
         cases = [
             # The options are checked before the model is read, missing or not.
@@ -106,8 +114,9 @@ def test_compatibility_errors_come_in_the_same_order(tmp_path: Path) -> None:
                 assert caught.value.code() == code, request
 
 
-def test_list_pages_from_cached_bytes_decode_exactly(tmp_path: Path) -> None:
-    with catalog_with(tmp_path / "home", CompatibilityResponseCache()) as (stub, store):
+@BOTH_SERVERS
+def test_list_pages_from_cached_bytes_decode_exactly(tmp_path: Path, threads: int) -> None:
+    with catalog_with(tmp_path / "home", CompatibilityResponseCache(), threads) as (stub, store):
         for index in range(3):
             register(
                 stub, write_tiny_llama_gguf(tmp_path / f"m{index}.gguf", seed=index), f"m{index}"

@@ -30,6 +30,7 @@ from rbee_client.errors import (
     NotFoundError,
 )
 from services.catalog import convert
+from services.catalog.__main__ import start_catalog
 from services.catalog.domain import (
     Device,
     DeviceKind,
@@ -41,7 +42,7 @@ from services.catalog.domain import (
 from services.catalog.message_cache import MODEL_ENCODING, ModelMessageCache
 from services.catalog.service import CatalogService, HostInfo, ModelDraft
 from services.catalog.servicer import CatalogServicer, catalog_binding
-from services.catalog.settings import DEFAULT_HANDLER_THREADS
+from services.catalog.settings import DEFAULT_HANDLER_THREADS, CatalogSettings
 from services.catalog.store import CatalogStore
 from services.catalog.worker_types import WorkerTypeRegistry
 from services.common.server import RunningServer, start_server
@@ -60,9 +61,11 @@ pytestmark = pytest.mark.integration
 GiB = 1024**3
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[CatalogServer]:
-    with running_catalog(tmp_path / "home") as srv:
+# Every test here runs against both ways the catalog serves: the threaded server (the
+# default) and the event loop (RBEE_CATALOG_HANDLER_THREADS=0).
+@pytest.fixture(params=[DEFAULT_HANDLER_THREADS, 0], ids=["threaded", "event-loop"])
+def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[CatalogServer]:
+    with running_catalog(tmp_path / "home", handler_threads=request.param) as srv:
         yield srv
 
 
@@ -625,20 +628,51 @@ def test_reads_in_handler_threads_racing_writes_never_go_back_a_version(
     assert list(stub.ListModels(pb.ListModelsRequest(), timeout=5).models) == [final]
 
 
+@pytest.mark.parametrize("threads", [2, 0], ids=["threaded", "event-loop"])
+def test_the_handler_threads_setting_picks_the_server(tmp_path: Path, threads: int) -> None:
+    # RBEE_CATALOG_HANDLER_THREADS: N threads, or 0 for the event loop; both answer the same.
+    settings = CatalogSettings(
+        home=tmp_path, listen="127.0.0.1:0", metrics_listen=None, handler_threads=threads
+    )
+
+    async def build() -> tuple[RunningServer, None]:
+        running = await start_catalog(settings)
+        await running.set_serving()
+        return running, None
+
+    with serve_in_thread(build, name="catalog-setting-test") as (running, _):
+        assert isinstance(running.server, grpc.aio.Server) == (threads == 0)
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+            assert stub.ListModels(pb.ListModelsRequest(), timeout=5).total_size == 0
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.GetModel(pb.GetModelRequest(name="models/none"), timeout=5)
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.EvaluateCompatibility(
+                    pb.EvaluateCompatibilityRequest(model="models/none"), timeout=5
+                )
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 @contextmanager
-def catalog_server_with(home: Path, **servicer_options: Any) -> Iterator[tuple[str, CatalogStore]]:
+def catalog_server_with(
+    home: Path, *, handler_threads: int = DEFAULT_HANDLER_THREADS, **servicer_options: Any
+) -> Iterator[tuple[str, CatalogStore]]:
     """A catalog server whose CatalogServicer gets `servicer_options` (its caches); yields its
-    address and its store."""
+    address and its store. `handler_threads=0`: served on the event loop."""
     store = CatalogStore.open(home / "catalog.db")
 
     async def build() -> tuple[RunningServer, None]:
         service = CatalogService(store, WorkerTypeRegistry(), host=HostInfo("linux", "x86_64"))
+        threads = handler_threads or None
+        servicer = CatalogServicer(service, threaded=threads is not None, **servicer_options)
         running = await start_server(
-            [catalog_binding(CatalogServicer(service, **servicer_options))],
+            [catalog_binding(servicer)],
             listen="127.0.0.1:0",
             metrics_listen=None,
             registry=CollectorRegistry(),
-            handler_threads=DEFAULT_HANDLER_THREADS,
+            handler_threads=threads,
         )
         running.on_stop(service.close)
         await running.set_serving()

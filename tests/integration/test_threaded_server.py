@@ -23,12 +23,7 @@ from grpc_status import rpc_status
 
 from services.common.auth import ServerSecurity
 from services.common.request_context import current_request_id
-from services.common.server import (
-    RunningServer,
-    ServiceBinding,
-    generic_binding,
-    start_server,
-)
+from services.common.server import RunningServer, generic_binding, start_server
 from tests.integration.test_server_plumbing import (
     LEAKY_TEXT,
     error_info,
@@ -485,9 +480,6 @@ async def test_stop_lets_in_flight_calls_finish_then_closes_the_port(
             await channel.unary_unary(method("Echo"))(b"x", timeout=1)
 
 
-async def test_threads_are_required_where_a_binding_needs_them() -> None:
-    binding = ServiceBinding(lambda _servicer, _server: None, None, SERVICE, needs_threads=True)
-    with pytest.raises(ValueError, match="must be served with handler_threads"):
-        await start_server([binding], listen="127.0.0.1:0", metrics_listen=None)
+async def test_handler_threads_must_be_at_least_one() -> None:
     with pytest.raises(ValueError, match="handler_threads must be at least 1"):
         await start_server([], listen="127.0.0.1:0", metrics_listen=None, handler_threads=0)
