@@ -95,25 +95,28 @@ class EncodedResponse:
         self.wire = wire
 
 
-class ServerCallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Metrics (when `metrics` is given) and the request id + error mapping (when
-    `map_errors`), for every call of a registered method, in one wrapper per method."""
+class _WrappedMethods:
+    """The wrapped handler per method, built on a method's first call and reused (keyed by the
+    handler object the server resolved, so a different handler for the same method, e.g. the
+    auth check's refusing one, is wrapped on its own)."""
 
-    def __init__(self, metrics: GrpcServerMetrics | None = None, *, map_errors: bool = True):
+    def __init__(
+        self,
+        metrics: GrpcServerMetrics | None,
+        map_errors: bool,
+        wrap: Callable[[grpc.RpcMethodHandler, _CallBoundary], grpc.RpcMethodHandler],
+    ) -> None:
         self._metrics = metrics
         self._map_errors = map_errors
+        self._wrap = wrap
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        """The wrapped handler that serves this call (None for unknown methods stays None)."""
-        handler = await continuation(handler_call_details)
+    def wrapped(
+        self, handler: grpc.RpcMethodHandler | None, method: str
+    ) -> grpc.RpcMethodHandler | None:
+        """`handler` wrapped (None for unknown methods stays None)."""
         if handler is None:
             return None
-        method: str = handler_call_details.method
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
@@ -122,11 +125,29 @@ class ServerCallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             self._metrics.for_method(method) if self._metrics is not None else None,
             map_errors=self._map_errors,
         )
-        wrapped = _wrap_method_handler(handler, boundary)
+        wrapped = self._wrap(handler, boundary)
+        # A dict store is atomic: threads racing on a method's first call each wrap it once.
         if len(self._wrapped) >= _MAX_WRAPPED_METHODS:
             self._wrapped.clear()
         self._wrapped[method] = (handler, wrapped)
         return wrapped
+
+
+class ServerCallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Metrics (when `metrics` is given) and the request id + error mapping (when
+    `map_errors`), for every call of a registered method, in one wrapper per method."""
+
+    def __init__(self, metrics: GrpcServerMetrics | None = None, *, map_errors: bool = True):
+        self._methods = _WrappedMethods(metrics, map_errors, _wrap_method_handler)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        """The wrapped handler that serves this call (None for unknown methods stays None)."""
+        handler = await continuation(handler_call_details)
+        return self._methods.wrapped(handler, handler_call_details.method)
 
 
 class ErrorInterceptor(ServerCallInterceptor):
@@ -179,8 +200,7 @@ class _CallBoundary:
             else:
                 context.set_trailing_metadata(echo)
         except BaseException as exc:
-            unbind_request_id(state.token)
-            self._handled(exc, context, state.started)
+            self._echo_failed(exc, context, state)
             raise
         return state
 
@@ -191,15 +211,16 @@ class _CallBoundary:
             return state
         echo = ((REQUEST_ID_METADATA_KEY, state.request_id),)
         try:
-            if streaming:
-                context.send_initial_metadata(echo)
-            else:
-                context.set_trailing_metadata(echo)
+            (context.send_initial_metadata if streaming else context.set_trailing_metadata)(echo)
         except BaseException as exc:
-            unbind_request_id(state.token)
-            self._handled(exc, context, state.started)
+            self._echo_failed(exc, context, state)
             raise
         return state
+
+    def _echo_failed(self, exc: BaseException, context: Any, state: _CallState) -> None:
+        if state.token is not None:
+            unbind_request_id(state.token)
+        self._handled(exc, context, state.started)
 
     def _start(self, context: Any) -> _CallState:
         started = time.perf_counter()
@@ -423,31 +444,42 @@ def _response_serializer(inner: Callable[[Any], bytes] | None) -> Callable[[Any]
     return serialize
 
 
+_KINDS: tuple[tuple[str, Callable[..., grpc.RpcMethodHandler]], ...] = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler),
+)
+
+
+def _rebuilt(
+    handler: grpc.RpcMethodHandler, wrap: Callable[[str, Callable[..., Any]], Callable[..., Any]]
+) -> grpc.RpcMethodHandler:
+    """The same handler (same kind and deserializer) with its behavior replaced by
+    `wrap(kind, behavior)`, kind being "unary_unary", "stream_unary", ...; the response
+    serializer lets EncodedResponse through."""
+    for kind, make in _KINDS:
+        behavior = getattr(handler, kind)
+        if behavior is not None:
+            return make(
+                wrap(kind, behavior),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=_response_serializer(handler.response_serializer),
+            )
+    return handler
+
+
 def _wrap_method_handler(
     handler: grpc.RpcMethodHandler, boundary: _CallBoundary
 ) -> grpc.RpcMethodHandler:
-    """The same handler (same kind and deserializer) with each call inside the boundary."""
-    serializers = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": _response_serializer(handler.response_serializer),
-    }
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(
-            _wrap_unary_response(handler.unary_unary, boundary), **serializers
-        )
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(
-            _wrap_unary_response(handler.stream_unary, boundary), **serializers
-        )
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            _wrap_stream_response(handler.unary_stream, boundary), **serializers
-        )
-    if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream_response(handler.stream_stream, boundary), **serializers
-        )
-    return handler
+    """The same handler with each call inside the boundary (grpc.aio)."""
+
+    def wrap(kind: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        if kind.endswith("_unary"):
+            return _wrap_unary_response(behavior, boundary)
+        return _wrap_stream_response(behavior, boundary)
+
+    return _rebuilt(handler, wrap)
 
 
 def _wrap_unary_response(
@@ -546,14 +578,24 @@ class ThreadedCallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     Handlers may be plain functions (run in the handler thread), generators for response
     streams (health's non-blocking Watch included), or coroutine functions for unary-unary
     methods, which run on the service's event loop through `bridge` (they must not use the
-    context's async methods: the context is the sync one). Coroutine handlers of any other
-    kind fail with INTERNAL and a logged TypeError.
+    context's async methods: the context is the sync one). A plain unary-unary function may
+    also return an awaitable, to finish on the loop what it could not answer in the thread (a
+    cache miss). Coroutine handlers of any other kind fail with INTERNAL and a logged
+    TypeError.
     """
 
     def __init__(self, metrics: GrpcServerMetrics | None, bridge: LoopBridge) -> None:
-        self._metrics = metrics
-        self._bridge = bridge
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        def wrap(handler: grpc.RpcMethodHandler, boundary: _CallBoundary) -> Any:
+            return _rebuilt(handler, lambda kind, behavior: in_thread(kind, behavior, boundary))
+
+        def in_thread(kind: str, behavior: Any, boundary: _CallBoundary) -> Any:
+            if kind == "unary_unary":
+                return _wrap_unary_in_thread(behavior, boundary, bridge)
+            if kind == "stream_unary":
+                return _wrap_unary_in_thread(behavior, boundary, None)
+            return _wrap_stream_in_thread(behavior, boundary)
+
+        self._methods = _WrappedMethods(metrics, True, wrap)
 
     def intercept_service(
         self,
@@ -562,50 +604,7 @@ class ThreadedCallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     ) -> grpc.RpcMethodHandler:
         """The wrapped handler that serves this call (None for unknown methods stays None)."""
         handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method: str = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        boundary = _CallBoundary(
-            method,
-            self._metrics.for_method(method) if self._metrics is not None else None,
-            map_errors=True,
-        )
-        wrapped = _wrap_method_handler_in_thread(handler, boundary, self._bridge)
-        # A dict store is atomic: two threads racing on a method's first call both wrap it.
-        if len(self._wrapped) >= _MAX_WRAPPED_METHODS:
-            self._wrapped.clear()
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
-
-
-def _wrap_method_handler_in_thread(
-    handler: grpc.RpcMethodHandler, boundary: _CallBoundary, bridge: LoopBridge
-) -> grpc.RpcMethodHandler:
-    """`_wrap_method_handler` for the threaded server."""
-    serializers = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": _response_serializer(handler.response_serializer),
-    }
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(
-            _wrap_unary_in_thread(handler.unary_unary, boundary, bridge), **serializers
-        )
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(
-            _wrap_unary_in_thread(handler.stream_unary, boundary, None), **serializers
-        )
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            _wrap_stream_in_thread(handler.unary_stream, boundary), **serializers
-        )
-    if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream_in_thread(handler.stream_stream, boundary), **serializers
-        )
-    return handler
+        return self._methods.wrapped(handler, handler_call_details.method)
 
 
 def _not_for_threads(behavior: Callable[..., Any], what: str) -> TypeError:
