@@ -464,12 +464,18 @@ def _free_port() -> int:
 
 @contextmanager
 def catalog_process(
-    home: Path, *, log: Path | None = None, token: str = "", timeout: float = 60.0
+    home: Path,
+    *,
+    log: Path | None = None,
+    token: str = "",
+    timeout: float = 60.0,
+    env: dict[str, str] | None = None,
 ) -> Iterator[tuple[str, int]]:
     """The real `rbee-catalog` (python -m services.catalog) on `home`, as clients meet it: its
     own process, gated on grpc.health.v1 SERVING (exempt from the token, so auth on works too),
     stopped on exit. `token` turns auth on (none inherited from this environment); `log`
-    takes its stderr. Yields (address, pid)."""
+    takes its stderr; `env` adds settings (e.g. RBEE_CATALOG_HANDLER_THREADS). Yields
+    (address, pid)."""
     address = f"127.0.0.1:{_free_port()}"
     env = {
         **os.environ,
@@ -477,6 +483,7 @@ def catalog_process(
         "RBEE_CATALOG_LISTEN": address,
         "RBEE_CATALOG_METRICS_LISTEN": "",
         "RBEE_CATALOG_LOG_LEVEL": "WARNING",
+        **(env or {}),
     }
     env.pop("RBEE_AUTH_TOKEN_FILE", None)
     env.pop("RBEE_AUTH_TOKEN", None)

@@ -90,8 +90,11 @@ async def run(settings: CatalogSettings) -> None:
     prepare_heap_for_serving()
     await running.set_serving()
     logger.info(
-        "catalog serving on port %d (metrics port %s, database %s, python %s)",
+        "catalog serving on port %d (%s, metrics port %s, database %s, python %s)",
         running.port,
+        f"{settings.handler_threads} handler threads"
+        if settings.handler_threads
+        else "on the event loop",
         running.metrics_port,
         settings.database_path,
         platform.python_version(),
