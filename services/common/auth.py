@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from services.common.channels import AUTHORIZATION_KEY
 from services.common.errors import Unauthenticated
+from services.common.interceptors import rebuilt_handler
 
 logger = logging.getLogger(__name__)
 
@@ -151,28 +152,21 @@ class AuthMetrics:
         )
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Refuses calls without the bearer token, for every handler kind.
+class _TokenCheck:
+    """The bearer-token check both interceptors make: the handler itself for an exempt method
+    or a valid token, else `refusing(handler, message)` (counted by cause)."""
 
-    Installed inside the error interceptor: a refused call's handler is replaced by one of the
-    same kind that raises Unauthenticated, which the error interceptor turns into the status
-    (with ErrorInfo and the request id) and logs without the metadata; the metrics interceptor
-    outside counts it. The real handler never runs.
-    """
-
-    def __init__(self, security: ServerSecurity, metrics: AuthMetrics | None = None) -> None:
+    def __init__(
+        self,
+        security: ServerSecurity,
+        metrics: AuthMetrics | None,
+        refusing: Callable[[grpc.RpcMethodHandler, str], grpc.RpcMethodHandler],
+    ) -> None:
         if not security.token:
             raise ValueError("AuthInterceptor needs a token")
         self._security = security
         self._metrics = metrics
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        """The real handler for an exempt method or a valid token; else a refusing one."""
-        return self.checked(await continuation(handler_call_details), handler_call_details)
+        self._refusing = refusing
 
     def checked(
         self, handler: grpc.RpcMethodHandler | None, details: grpc.HandlerCallDetails
@@ -187,8 +181,26 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             self._metrics.rejected.labels(problem).inc()
         return self._refusing(handler, _MESSAGES[problem])
 
-    def _refusing(self, handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-        return _refusing_handler(handler, message)
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Refuses calls without the bearer token, for every handler kind.
+
+    Installed inside the error interceptor: a refused call's handler is replaced by one of the
+    same kind that raises Unauthenticated, which the error interceptor turns into the status
+    (with ErrorInfo and the request id) and logs without the metadata; the metrics interceptor
+    outside counts it. The real handler never runs.
+    """
+
+    def __init__(self, security: ServerSecurity, metrics: AuthMetrics | None = None) -> None:
+        self._check = _TokenCheck(security, metrics, _refusing_handler)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        """The real handler for an exempt method or a valid token; else a refusing one."""
+        return self._check.checked(await continuation(handler_call_details), handler_call_details)
 
 
 class ThreadedAuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -196,7 +208,7 @@ class ThreadedAuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     refusing handlers that are plain functions."""
 
     def __init__(self, security: ServerSecurity, metrics: AuthMetrics | None = None) -> None:
-        self._check = _ThreadedCheck(security, metrics)
+        self._check = _TokenCheck(security, metrics, _refusing_handler_in_thread)
 
     def intercept_service(
         self,
@@ -205,11 +217,6 @@ class ThreadedAuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     ) -> grpc.RpcMethodHandler:
         """The real handler for an exempt method or a valid token; else a refusing one."""
         return self._check.checked(continuation(handler_call_details), handler_call_details)
-
-
-class _ThreadedCheck(AuthInterceptor):
-    def _refusing(self, handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-        return _refusing_handler_in_thread(handler, message)
 
 
 def _refusing_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
@@ -225,7 +232,9 @@ def _refusing_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcM
         refuse()
         yield  # an async generator, so grpc.aio treats it as a response stream
 
-    return _same_kind(handler, unary_response, stream_response)
+    return rebuilt_handler(
+        handler, lambda kind, _: unary_response if kind.endswith("_unary") else stream_response
+    )
 
 
 def _refusing_handler_in_thread(
@@ -240,22 +249,6 @@ def _refusing_handler_in_thread(
         refuse(_request, _context)
         yield  # a generator, like every response stream
 
-    return _same_kind(handler, refuse, stream_response)
-
-
-def _same_kind(
-    handler: grpc.RpcMethodHandler,
-    unary_response: Callable[[Any, Any], Any],
-    stream_response: Callable[[Any, Any], Any],
-) -> grpc.RpcMethodHandler:
-    serializers = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(unary_response, **serializers)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(unary_response, **serializers)
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(stream_response, **serializers)
-    return grpc.stream_stream_rpc_method_handler(stream_response, **serializers)
+    return rebuilt_handler(
+        handler, lambda kind, _: refuse if kind.endswith("_unary") else stream_response
+    )

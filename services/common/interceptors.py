@@ -452,12 +452,12 @@ _KINDS: tuple[tuple[str, Callable[..., grpc.RpcMethodHandler]], ...] = (
 )
 
 
-def _rebuilt(
+def rebuilt_handler(
     handler: grpc.RpcMethodHandler, wrap: Callable[[str, Callable[..., Any]], Callable[..., Any]]
 ) -> grpc.RpcMethodHandler:
     """The same handler (same kind and deserializer) with its behavior replaced by
-    `wrap(kind, behavior)`, kind being "unary_unary", "stream_unary", ...; the response
-    serializer lets EncodedResponse through."""
+    `wrap(kind, behavior)`, kind being "unary_unary", "stream_unary", "unary_stream" or
+    "stream_stream"; the response serializer lets EncodedResponse through."""
     for kind, make in _KINDS:
         behavior = getattr(handler, kind)
         if behavior is not None:
@@ -479,7 +479,7 @@ def _wrap_method_handler(
             return _wrap_unary_response(behavior, boundary)
         return _wrap_stream_response(behavior, boundary)
 
-    return _rebuilt(handler, wrap)
+    return rebuilt_handler(handler, wrap)
 
 
 def _wrap_unary_response(
@@ -586,7 +586,9 @@ class ThreadedCallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def __init__(self, metrics: GrpcServerMetrics | None, bridge: LoopBridge) -> None:
         def wrap(handler: grpc.RpcMethodHandler, boundary: _CallBoundary) -> Any:
-            return _rebuilt(handler, lambda kind, behavior: in_thread(kind, behavior, boundary))
+            return rebuilt_handler(
+                handler, lambda kind, behavior: in_thread(kind, behavior, boundary)
+            )
 
         def in_thread(kind: str, behavior: Any, boundary: _CallBoundary) -> Any:
             if kind == "unary_unary":
